@@ -1,0 +1,65 @@
+"""The registry of step actions a runbook may name, with their parameter models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, check_system
+from tasks.commands import CommandParams
+from tasks.incidents import EscalateParams
+from workers.config import Config
+
+CHECK_KINDS = ("check", "verify")
+
+
+@dataclass(frozen=True)
+class Action:
+    """How a step action is validated and what kinds of step may use it."""
+
+    name: str
+    kinds: tuple[str, ...]
+    params: type[BaseModel]
+    check: Callable[[Any], CheckResult] | None = None
+
+    def check_params(self, params: dict[str, Any], config: Config, where: str) -> list[str]:
+        """Every problem with a step's parameters, each prefixed by its path."""
+        # A reference's value is only known per alert: it is checked again when the step runs.
+        references = {key for key, value in params.items() if _is_reference(value)}
+        literal = {key: value for key, value in params.items() if key not in references}
+        try:
+            model = self.params.model_validate(literal)
+        except ValidationError as exc:
+            errors = [
+                err for err in exc.errors() if err["loc"][:1] not in {(k,) for k in references}
+            ]
+            return [_format(where, err) for err in errors]
+        if isinstance(model, CommandParams) and model.argv[0] not in config.actions.allowlist:
+            return [f"{where}.argv[0]: executable {model.argv[0]!r} is not in actions.allowlist"]
+        return []
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("{{")
+
+
+def _format(where: str, err: Any) -> str:
+    path = where
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    message = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"{path}: {message}"
+
+
+ACTIONS: dict[str, Action] = {
+    action.name: action
+    for action in (
+        Action("check_http", CHECK_KINDS, HttpParams, check_http),
+        Action("check_system", CHECK_KINDS, SystemParams, check_system),
+        Action("run_command", ("recover",), CommandParams),
+        Action("escalate", ("escalate",), EscalateParams),
+    )
+}

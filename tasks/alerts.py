@@ -1,0 +1,99 @@
+"""Routing occurrences to runbooks (queue `alerts`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from workers import dispatch, runs
+from workers.app import app
+from workers.config import (
+    Config,
+    OnFailure,
+    RunbookConfig,
+    StepConfig,
+    get_config,
+    resolve_references,
+)
+from workers.db import Connection, transaction
+from workers.matchers import matches_all
+from workers.runs import StepRef
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNBOOK = "default-escalate"
+
+
+def select_runbook(config: Config, labels: dict[str, str]) -> RunbookConfig:
+    """The first runbook whose matchers all accept the labels, else the escalating default."""
+    for runbook in config.runbooks:
+        if matches_all(runbook.parsed_matchers(), labels):
+            return runbook
+    return RunbookConfig(
+        name=DEFAULT_RUNBOOK,
+        matchers=['alertname=~".*"'],
+        steps=[
+            StepConfig(
+                name="escalate",
+                kind="escalate",
+                action="escalate",
+                params={"reason": "no runbook matches this alert"},
+            )
+        ],
+        on_failure=OnFailure(escalate=False, severity=config.default_severity),
+    )
+
+
+def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef | None:
+    """Give a firing, unrouted occurrence its run; None when it needs nothing (any more)."""
+    occurrence = conn.execute(
+        "SELECT * FROM occurrences WHERE id = %s FOR UPDATE", (occurrence_id,)
+    ).fetchone()
+    if occurrence is None or occurrence["routed_at"] is not None:
+        return None
+    conn.execute("UPDATE occurrences SET routed_at = now() WHERE id = %s", (occurrence_id,))
+    if occurrence["status"] != "firing":
+        return None
+
+    _append_to_open_incident(conn, occurrence)
+    runbook = select_runbook(config, occurrence["labels"])
+    params = [
+        resolve_references(step.params, occurrence["labels"], occurrence["annotations"])
+        for step in runbook.steps
+    ]
+    first = runs.create_run(conn, occurrence_id, runbook, params, trigger="alert")
+    log.info("occurrence routed occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
+    return first
+
+
+def _append_to_open_incident(conn: Connection, occurrence: Any) -> None:
+    # While an incident for this fingerprint is open, a new firing episode joins its timeline.
+    incident = conn.execute(
+        "SELECT id FROM incidents WHERE source = %s AND dedup_key = %s AND status <> 'resolved'",
+        (occurrence["source"], occurrence["fingerprint"]),
+    ).fetchone()
+    if incident is None:
+        return
+    runs.event(
+        conn,
+        "occurrence_appended",
+        "caretaker",
+        "the alert fired again",
+        incident_id=incident["id"],
+        occurrence_id=occurrence["id"],
+    )
+
+
+@app.task(name="caretaker.alerts.route_occurrences", acks_late=True, reject_on_worker_lost=True)
+def route_occurrences(occurrence_ids: list[int]) -> int:
+    """Create the runs of recorded occurrences and dispatch their first steps. Idempotent: an
+    occurrence routed before is skipped. Not retried; the sweeper re-sends lost batches."""
+    config = get_config()
+    first_steps = []
+    for occurrence_id in occurrence_ids:
+        with transaction() as conn:
+            step = route_one(conn, occurrence_id, config)
+        if step is not None:
+            first_steps.append(step)
+    dispatch.try_send("first steps", dispatch.execute_steps, first_steps)
+    return len(first_steps)

@@ -1,0 +1,171 @@
+"""Health checks; every check returns a CheckResult and never raises for what it finds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Literal
+
+import httpx
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.app import app
+
+log = logging.getLogger(__name__)
+
+Status = Literal["healthy", "warning", "critical", "unknown"]
+_RANK: dict[str, int] = {"healthy": 0, "unknown": 1, "warning": 2, "critical": 3}
+
+
+class CheckResult(BaseModel):
+    """The one result type of every check."""
+
+    status: Status
+    value: float | None = None
+    summary: str
+    details: dict[str, Any] = {}
+    duration_s: float = 0.0
+
+
+def worst(statuses: list[Status]) -> Status:
+    """The most severe of several statuses; healthy when there are none."""
+    return max(statuses, key=_RANK.__getitem__, default="healthy")
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpParams(Params):
+    url: str = Field(pattern=r"^https?://")
+    method: Literal["GET", "HEAD", "POST"] = "GET"
+    expected_status: list[int] = [200]
+    timeout_s: float = Field(default=5.0, gt=0, le=300)
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    body_contains: str | None = None
+    follow_redirects: bool = False
+    verify_tls: bool = True
+
+
+def check_http(params: HttpParams) -> CheckResult:
+    """GET (or HEAD/POST) a URL; critical when unreachable or the status is unexpected."""
+    started = time.monotonic()
+    try:
+        with httpx.Client(
+            timeout=params.timeout_s,
+            follow_redirects=params.follow_redirects,
+            verify=params.verify_tls,
+        ) as client:
+            response = client.request(params.method, params.url)
+    except httpx.TimeoutException:
+        return _timed(
+            started,
+            "critical",
+            f"no answer from {params.url} within {params.timeout_s}s",
+            {"url": params.url, "error": "timeout"},
+        )
+    except httpx.HTTPError as exc:
+        return _timed(
+            started,
+            "critical",
+            f"cannot reach {params.url}: {exc}",
+            {"url": params.url, "error": str(exc)},
+        )
+
+    latency_ms = (time.monotonic() - started) * 1000
+    details: dict[str, Any] = {
+        "url": params.url,
+        "status_code": response.status_code,
+        "latency_ms": round(latency_ms, 1),
+    }
+    status: Status = "healthy"
+    summary = f"{params.url} answered {response.status_code} in {latency_ms:.0f} ms"
+    if response.status_code not in params.expected_status:
+        status, summary = "critical", f"{summary}, expected {params.expected_status}"
+    elif params.body_contains is not None and params.body_contains not in response.text:
+        status, summary = "critical", f"{summary}, body lacks {params.body_contains!r}"
+    elif params.max_latency_ms is not None and latency_ms > params.max_latency_ms:
+        status, summary = "warning", f"{summary}, over {params.max_latency_ms:.0f} ms"
+    return _timed(started, status, summary, details, value=latency_ms)
+
+
+class SystemParams(Params):
+    cpu_warning_pct: float = Field(default=85.0, ge=0, le=100)
+    cpu_critical_pct: float = Field(default=95.0, ge=0, le=100)
+    memory_warning_pct: float = Field(default=85.0, ge=0, le=100)
+    memory_critical_pct: float = Field(default=95.0, ge=0, le=100)
+    disk_paths: list[str] = ["/"]
+    disk_warning_pct: float = Field(default=85.0, ge=0, le=100)
+    disk_critical_pct: float = Field(default=95.0, ge=0, le=100)
+    # psutil's first reading in a fresh process is 0.0; sampling over an interval is real.
+    cpu_sample_s: float = Field(default=0.5, gt=0, le=10)
+
+
+def check_system(params: SystemParams) -> CheckResult:
+    """CPU, memory and disk usage against thresholds; a missing path is a finding."""
+    started = time.monotonic()
+    cpu = psutil.cpu_percent(interval=params.cpu_sample_s)
+    memory = psutil.virtual_memory().percent
+    readings: dict[str, Any] = {
+        "cpu_pct": cpu,
+        "memory_pct": memory,
+        "load_1m": os.getloadavg()[0],
+    }
+    statuses = [
+        _grade(cpu, params.cpu_warning_pct, params.cpu_critical_pct),
+        _grade(memory, params.memory_warning_pct, params.memory_critical_pct),
+    ]
+    problems = []
+    disks: dict[str, Any] = {}
+    for path in params.disk_paths:
+        try:
+            used = psutil.disk_usage(path).percent
+        except OSError as exc:
+            disks[path] = {"error": exc.strerror or str(exc)}
+            statuses.append("critical")
+            problems.append(f"disk {path}: {exc.strerror or exc}")
+            continue
+        disks[path] = {"used_pct": used}
+        statuses.append(_grade(used, params.disk_warning_pct, params.disk_critical_pct))
+    readings["disks"] = disks
+
+    status = worst(statuses)
+    summary = f"cpu {cpu:.0f}%, memory {memory:.0f}%"
+    if problems:
+        summary += "; " + "; ".join(problems)
+    return _timed(started, status, summary, readings, value=max(cpu, memory))
+
+
+def _grade(value: float, warning: float, critical: float) -> Status:
+    if value >= critical:
+        return "critical"
+    return "warning" if value >= warning else "healthy"
+
+
+def _timed(
+    started: float,
+    status: Status,
+    summary: str,
+    details: dict[str, Any],
+    value: float | None = None,
+) -> CheckResult:
+    duration_s = round(time.monotonic() - started, 4)
+    return CheckResult(
+        status=status, value=value, summary=summary, details=details, duration_s=duration_s
+    )
+
+
+@app.task(name="caretaker.checks.check_http", acks_late=True, reject_on_worker_lost=True)
+def check_http_task(**params: Any) -> dict[str, Any]:
+    """Check an HTTP endpoint. Idempotent, read-only, not retried: the result is the answer."""
+    return check_http(HttpParams.model_validate(params)).model_dump()
+
+
+@app.task(name="caretaker.checks.check_system", acks_late=True, reject_on_worker_lost=True)
+def check_system_task(**params: Any) -> dict[str, Any]:
+    """Check this host's CPU, memory and disks. Idempotent, read-only, not retried."""
+    result = check_system(SystemParams.model_validate(params))
+    log.info("system check status=%s %s", result.status, result.summary)
+    return result.model_dump()

@@ -1,0 +1,152 @@
+"""Executing one runbook step: claim it, act under a lease, record the result, go on."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
+
+from tasks.actions import ACTIONS
+from tasks.checks import CheckResult
+from tasks.commands import CommandParams, run_command
+from tasks.incidents import EscalateParams, escalate_step
+from workers import dispatch, runs
+from workers.app import app
+from workers.config import get_config
+from workers.db import transaction
+from workers.errors import CaretakerError, TransientError
+from workers.runs import Claim, Outcome
+from workers.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+WORKER = f"worker:{socket.gethostname()}"
+
+
+@app.task(name="caretaker.runs.execute_step", acks_late=True, reject_on_worker_lost=True)
+def execute_step(step_id: int) -> str:
+    """Run one step of a run. Idempotent: a step already taken, done or cancelled is left
+    alone, so duplicate deliveries are harmless. Not retried; the sweeper re-sends lost ones.
+    Changes whatever the step's action changes, and records it on the run."""
+    settings = get_settings()
+    with transaction() as conn:
+        claim = runs.claim_step(conn, step_id, WORKER, settings.lease_s)
+    if claim is None:
+        return "nothing to do"
+
+    if claim.step["action"] == "escalate":
+        # Escalation writes the incident in the same transaction as the step's result.
+        with transaction() as conn:
+            outcome = _escalate(conn, claim)
+            following = runs.finish_step(conn, claim, outcome, WORKER)
+    else:
+        with _lease(claim, settings.lease_s):
+            outcome = _perform(claim)
+        with transaction() as conn:
+            following = runs.finish_step(conn, claim, outcome, WORKER)
+
+    log.info("step finished step_id=%s run_id=%s ok=%s", step_id, claim.run["id"], outcome.ok)
+    dispatch.try_send("next steps", dispatch.execute_steps, following)
+    dispatch.try_send(
+        "notifications", dispatch.send_notifications, outcome.result.get("notifications", [])
+    )
+    return "succeeded" if outcome.ok else "failed"
+
+
+def _escalate(conn: Any, claim: Claim) -> Outcome:
+    try:
+        params = EscalateParams.model_validate(claim.step["params"])
+    except ValidationError as exc:
+        return Outcome(ok=False, result={}, error=f"bad escalate parameters: {exc}")
+    return escalate_step(conn, params, claim)
+
+
+def _perform(claim: Claim) -> Outcome:
+    step = claim.step
+    try:
+        if step["kind"] == "recover":
+            return _recover(claim)
+        return _check(claim)
+    except SoftTimeLimitExceeded:
+        return Outcome(
+            ok=False, result={}, error=f"step overran its time limit ({step['spec']['timeout_s']}s)"
+        )
+    except ValidationError as exc:
+        return Outcome(ok=False, result={}, error=f"bad parameters: {_first_error(exc)}")
+    except (CaretakerError, OSError) as exc:
+        return Outcome(ok=False, result={}, error=str(exc))
+
+
+def _recover(claim: Claim) -> Outcome:
+    params = CommandParams.model_validate(claim.step["params"])
+    result = run_command(params, get_config())
+    error = None
+    if result.timed_out:
+        error = f"command timed out after {params.timeout_s}s"
+    elif result.exit_code != 0:
+        error = f"command exited with {result.exit_code}"
+    return Outcome(ok=result.ok, result=result.model_dump(), error=error)
+
+
+def _check(claim: Claim) -> Outcome:
+    step = claim.step
+    action = ACTIONS[step["action"]]
+    assert action.check is not None
+    params = action.params.model_validate(step["params"])
+    spec = step["spec"]
+    attempts = spec["attempts"] if step["kind"] == "verify" else 1
+
+    results: list[CheckResult] = []
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(spec["delay_s"])
+        results.append(action.check(params))
+        if results[-1].status in spec["accept"]:
+            break
+
+    last = results[-1]
+    document = last.model_dump() | {"attempts": len(results)}
+    # A diagnosis passes whatever it finds; a verification passes only on an accepted status.
+    if step["kind"] == "check" or last.status in spec["accept"]:
+        return Outcome(ok=True, result=document)
+    return Outcome(
+        ok=False,
+        result=document,
+        error=f"{last.status} after {len(results)} attempts: {last.summary}",
+    )
+
+
+@contextmanager
+def _lease(claim: Claim, lease_s: float) -> Iterator[None]:
+    """Renew the step's lease in the background while it runs."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                with transaction() as conn:
+                    if not runs.renew_lease(conn, claim.step["id"], claim.tries, lease_s):
+                        log.warning("lease lost step_id=%s", claim.step["id"])
+                        return
+            except TransientError as exc:
+                log.warning("lease renewal failed step_id=%s error=%s", claim.step["id"], exc)
+
+    thread = threading.Thread(target=renew, name=f"lease-{claim.step['id']}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"

@@ -1,0 +1,321 @@
+"""The `caretaker` command line: processes, set-up, ad hoc dispatch, incidents and runs."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from workers import views
+from workers.config import load_config
+from workers.db import migrate as apply_migrations
+from workers.db import redact, transaction
+from workers.errors import CaretakerError, ConfigError, DatabaseUnavailable
+from workers.settings import get_settings
+
+log = logging.getLogger("caretaker")
+
+POSTGRES_HELP = (
+    "PostgreSQL is not reachable at {url}.\n"
+    "  Start a local one:   sudo pg_ctlcluster $(ls /etc/postgresql) main start\n"
+    "  or with Docker:      docker compose up -d postgres\n"
+    "  or point caretaker at yours: export CARETAKER_DATABASE_URL=postgresql://user@host/db"
+)
+REDIS_HELP = (
+    "Redis is not reachable at {url}.\n"
+    "  Start a local one:   redis-server --daemonize yes --port 6379\n"
+    "  or with Docker:      docker compose up -d redis\n"
+    "  or point caretaker at yours: export CARETAKER_BROKER_URL=redis://host:6379/0"
+)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    logging.basicConfig(
+        level=get_settings().log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        cli(standalone_mode=True)
+    except CaretakerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+def cli() -> None:
+    """caretaker: alerts and schedules become runbooks on Celery workers."""
+
+
+@cli.command()
+@click.option("--host", default=None, help="Listen address (CARETAKER_HOST).")
+@click.option("--port", type=int, default=None, help="Listen port (CARETAKER_PORT).")
+def run(host: str | None, port: int | None) -> None:
+    """Webhook, a worker on all queues and beat together: the main job on one host."""
+    _preflight()
+    apply_migrations(get_settings().database_url)
+    me = [sys.executable, "-m", "workers.cli"]
+    listen = ["--host", host or get_settings().host, "--port", str(port or get_settings().port)]
+    children = [
+        subprocess.Popen([*me, "webhook", *listen]),
+        subprocess.Popen([*me, "worker"]),
+        subprocess.Popen([*me, "beat"]),
+    ]
+    _supervise(children)
+
+
+def _supervise(children: list[subprocess.Popen[bytes]]) -> None:
+    def stop(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # When one process ends, the others go too: a half-running caretaker is worse than none.
+    while all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    stop(signal.SIGTERM, None)
+    codes = [child.wait(timeout=30) for child in children]
+    sys.exit(max(abs(code) for code in codes))
+
+
+def _preflight() -> None:
+    settings = get_settings()
+    problems = []
+    try:
+        with transaction() as conn:
+            conn.execute("SELECT 1")
+    except DatabaseUnavailable as exc:
+        if "does not exist" not in str(exc):
+            problems.append(POSTGRES_HELP.format(url=redact(settings.database_url)))
+    from workers.webhook import _broker_ok
+
+    if _broker_ok() != "ok":
+        problems.append(REDIS_HELP.format(url=settings.broker_url.split("@")[-1]))
+    if problems:
+        raise click.ClickException("\n".join(problems))
+
+
+@cli.command()
+@click.option("--host", default=None, help="Listen address (CARETAKER_HOST).")
+@click.option("--port", type=int, default=None, help="Listen port (CARETAKER_PORT).")
+def webhook(host: str | None, port: int | None) -> None:
+    """The webhook service alone."""
+    import uvicorn
+
+    from workers.webhook import create_app
+
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@cli.command()
+@click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: all).")
+@click.option("--concurrency", "-c", type=int, default=None, help="Worker processes.")
+def worker(queues: str | None, concurrency: int | None) -> None:
+    """A Celery worker on the given queues."""
+    from workers.app import QUEUES, app
+
+    argv = ["worker", "--loglevel", get_settings().log_level, "-Q", queues or ",".join(QUEUES)]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    app.worker_main(argv)
+
+
+@cli.command()
+def beat() -> None:
+    """Celery beat, firing the calendar in beat_schedule.py."""
+    from workers.app import app
+
+    app.start(["beat", "--loglevel", get_settings().log_level])
+
+
+@cli.command()
+def flower() -> None:
+    """Flower on the same broker, with basic auth from settings."""
+    from workers.app import app
+
+    settings = get_settings()
+    if settings.flower_password is None:
+        raise click.ClickException("set CARETAKER_FLOWER_PASSWORD: flower never runs without auth")
+    auth = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
+    app.start(
+        [
+            "flower",
+            f"--port={settings.flower_port}",
+            f"--basic-auth={auth}",
+            "--max-tasks=10000",
+            "--persistent=True",
+            "--db=flower.db",
+        ]
+    )
+
+
+@cli.command()
+def migrate() -> None:
+    """Create the database if missing and apply pending migrations."""
+    settings = get_settings()
+    applied = apply_migrations(settings.database_url)
+    click.echo(
+        f"applied {len(applied)} migrations"
+        + (f": {', '.join(applied)}" if applied else " (database up to date)")
+    )
+
+
+@cli.group()
+def config() -> None:
+    """The configuration file."""
+
+
+@config.command("check")
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+def config_check(file: Path | None) -> None:
+    """Validate FILE (default CARETAKER_CONFIG) and report every error with its path."""
+    path = file or get_settings().config
+    if path is None:
+        raise click.ClickException("no file given and CARETAKER_CONFIG is not set")
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"{path}: {problem}", err=True)
+        raise click.ClickException(f"{len(exc.problems)} problems in {path}") from exc
+    click.echo(f"{path}: ok ({len(loaded.runbooks)} runbooks)")
+
+
+@cli.command()
+@click.argument("task")
+@click.option(
+    "--arg",
+    "args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A keyword argument; the value is read as JSON when it parses.",
+)
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, help="Seconds to wait.")
+def dispatch(task: str, args: tuple[str, ...], wait: bool, timeout_s: float) -> None:
+    """Send TASK (a name like caretaker.checks.check_system) to its queue."""
+    from workers.app import app
+
+    app.loader.import_default_modules()
+    if task not in app.tasks:
+        known = "\n  ".join(sorted(t for t in app.tasks if t.startswith("caretaker.")))
+        raise click.ClickException(f"unknown task {task!r}; known tasks:\n  {known}")
+    result = app.tasks[task].apply_async(kwargs=_parse_args(args))
+    click.echo(f"dispatched {task} id={result.id}")
+    if wait:
+        click.echo(json.dumps(result.get(timeout=timeout_s), indent=2, default=str))
+
+
+def _parse_args(args: tuple[str, ...]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in args:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--arg")
+        try:
+            parsed[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key] = raw
+    return parsed
+
+
+@cli.group()
+def incidents() -> None:
+    """Incidents: what a person must look at."""
+
+
+@incidents.command("list")
+@click.option("--status", type=click.Choice(["open", "acknowledged", "resolved"]))
+@click.option("--limit", type=int, default=50)
+@click.option("--json", "as_json", is_flag=True)
+def incidents_list(status: str | None, limit: int, as_json: bool) -> None:
+    """Incidents, newest first."""
+    rows = views.incident_rows(status, limit)
+    _print(rows, as_json, ["id", "status", "severity", "opened_at", "title"])
+
+
+@incidents.command("show")
+@click.argument("incident_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def incidents_show(incident_id: int, as_json: bool) -> None:
+    """One incident with its timeline."""
+    detail = views.incident_detail(incident_id)
+    if as_json:
+        click.echo(json.dumps(detail, indent=2, default=str))
+        return
+    click.echo(views.render_incident(detail))
+
+
+@incidents.command("ack")
+@click.argument("incident_id", type=int)
+@click.option("--by", default=None, help="Who acknowledges (default: the current user).")
+def incidents_ack(incident_id: int, by: str | None) -> None:
+    """Acknowledge an incident."""
+    row = views.change_incident(incident_id, "acknowledged", by or getpass.getuser())
+    click.echo(f"incident {row['id']} acknowledged")
+
+
+@incidents.command("resolve")
+@click.argument("incident_id", type=int)
+@click.option("--by", default=None, help="Who resolves (default: the current user).")
+def incidents_resolve(incident_id: int, by: str | None) -> None:
+    """Resolve an incident."""
+    row = views.change_incident(incident_id, "resolved", by or getpass.getuser())
+    click.echo(f"incident {row['id']} resolved")
+
+
+@cli.group()
+def runs() -> None:
+    """Runbook runs and their steps."""
+
+
+@runs.command("list")
+@click.option("--status", default=None)
+@click.option("--limit", type=int, default=50)
+@click.option("--json", "as_json", is_flag=True)
+def runs_list(status: str | None, limit: int, as_json: bool) -> None:
+    """Runs, newest first."""
+    rows = views.run_rows(status, limit)
+    _print(rows, as_json, ["id", "status", "runbook", "occurrence_id", "incident_id", "created_at"])
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def runs_show(run_id: int, as_json: bool) -> None:
+    """One run with its steps and events."""
+    detail = views.run_detail(run_id)
+    if as_json:
+        click.echo(json.dumps(detail, indent=2, default=str))
+        return
+    click.echo(views.render_run(detail))
+
+
+def _print(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(views.table(rows, columns))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

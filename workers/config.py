@@ -1,0 +1,199 @@
+"""The YAML configuration file: one section per concern, validated with every error's path."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workers.errors import ConfigError
+from workers.matchers import Matcher, parse_matcher
+from workers.settings import get_settings, read_env_secret
+
+StepKind = Literal["check", "recover", "verify", "escalate"]
+Severity = Literal["critical", "warning", "info"]
+
+# A parameter may take an alert's label or annotation, but only as a whole argument, so a value
+# can never be spliced into a URL, a flag or a shell string.
+_REFERENCE = re.compile(r"^\{\{\s*(labels|annotations)\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(Strict):
+    """A secret named by the environment variable that holds it; never a literal value."""
+
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    def reveal(self) -> str:
+        return read_env_secret(self.env)
+
+
+class NotifyWebhook(Strict):
+    name: str
+    url: str = Field(pattern=r"^https?://")
+    token: SecretRef | None = None
+
+
+class NotifyConfig(Strict):
+    webhooks: list[NotifyWebhook] = []
+
+
+class ActionsConfig(Strict):
+    # Executables a runbook may run, as they appear in argv[0]; nothing else is ever executed.
+    allowlist: list[str] = []
+
+
+class StepConfig(Strict):
+    name: str = Field(min_length=1)
+    kind: StepKind
+    action: str
+    params: dict[str, Any] = {}
+    attempts: int = Field(default=1, ge=1, le=100)
+    delay_s: float = Field(default=0.0, ge=0, le=3600)
+    accept: list[Literal["healthy", "warning", "critical", "unknown"]] = ["healthy"]
+    # Whether running the step twice is harmless; decides what happens when its worker dies.
+    idempotent: bool | None = None
+    timeout_s: float = Field(default=300.0, gt=0, le=86400)
+
+
+class OnFailure(Strict):
+    escalate: bool = True
+    severity: Severity = "critical"
+
+
+class RunbookConfig(Strict):
+    name: str = Field(min_length=1)
+    matchers: list[str] = Field(min_length=1)
+    steps: list[StepConfig] = Field(min_length=1)
+    on_failure: OnFailure = OnFailure()
+
+    @field_validator("matchers")
+    @classmethod
+    def _parse_matchers(cls, values: list[str]) -> list[str]:
+        for text in values:
+            parse_matcher(text)
+        return values
+
+    def parsed_matchers(self) -> list[Matcher]:
+        return [parse_matcher(text) for text in self.matchers]
+
+
+class Config(Strict):
+    runbooks: list[RunbookConfig] = []
+    actions: ActionsConfig = ActionsConfig()
+    notify: NotifyConfig = NotifyConfig()
+    default_severity: Severity = "critical"
+
+
+def parse_config(data: Any) -> Config:
+    """Validate a loaded YAML document; raise ConfigError listing every problem with its path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top): expected a mapping of sections"])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(err) for err in exc.errors()]) from exc
+
+    problems = _check_steps(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a configuration file; no path means the built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+    return parse_config(data)
+
+
+@lru_cache(maxsize=1)
+def get_config() -> Config:
+    """Configuration of this process, read once from CARETAKER_CONFIG."""
+    return load_config(get_settings().config)
+
+
+def _check_steps(config: Config) -> list[str]:
+    from tasks.actions import ACTIONS
+
+    problems: list[str] = []
+    names = set()
+    for i, runbook in enumerate(config.runbooks):
+        if runbook.name in names:
+            problems.append(f"runbooks[{i}].name: duplicate runbook name {runbook.name!r}")
+        names.add(runbook.name)
+        for j, step in enumerate(runbook.steps):
+            where = f"runbooks[{i}].steps[{j}]"
+            action = ACTIONS.get(step.action)
+            if action is None:
+                known = ", ".join(sorted(ACTIONS))
+                problems.append(f"{where}.action: unknown action {step.action!r} (known: {known})")
+                continue
+            if step.kind not in action.kinds:
+                allowed = ", ".join(action.kinds)
+                problems.append(
+                    f"{where}.kind: action {step.action!r} cannot be a {step.kind!r} step "
+                    f"(allowed: {allowed})"
+                )
+            problems.extend(_check_references(step.params, f"{where}.params"))
+            problems.extend(action.check_params(step.params, config, f"{where}.params"))
+    return problems
+
+
+def _check_references(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        if "{{" in value and not _REFERENCE.match(value):
+            return [
+                f"{where}: {value!r}: a label reference must be the whole argument, "
+                "as '{{ labels.NAME }}' or '{{ annotations.NAME }}'"
+            ]
+        return []
+    if isinstance(value, list):
+        return [p for k, item in enumerate(value) for p in _check_references(item, f"{where}[{k}]")]
+    if isinstance(value, dict):
+        return [p for k, item in value.items() for p in _check_references(item, f"{where}.{k}")]
+    return []
+
+
+def resolve_references(value: Any, labels: dict[str, str], annotations: dict[str, str]) -> Any:
+    """Replace whole-argument label and annotation references with the alert's values."""
+    if isinstance(value, str):
+        found = _REFERENCE.match(value)
+        if found is None:
+            return value
+        source = labels if found.group(1) == "labels" else annotations
+        return source.get(found.group(2), "")
+    if isinstance(value, list):
+        return [resolve_references(item, labels, annotations) for item in value]
+    if isinstance(value, dict):
+        return {k: resolve_references(v, labels, annotations) for k, v in value.items()}
+    return value
+
+
+def _format_error(err: Any) -> str:
+    path = ""
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    if err["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    return f"{path or '(top)'}: {message}"

@@ -1,0 +1,65 @@
+"""Handing work to the broker by task name, so callers need not import the task modules."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.exceptions import OperationalError
+
+from workers.app import STEP_QUEUES, app
+from workers.errors import BrokerUnavailable
+from workers.runs import StepRef
+
+log = logging.getLogger(__name__)
+
+ROUTE_OCCURRENCES = "caretaker.alerts.route_occurrences"
+EXECUTE_STEP = "caretaker.runs.execute_step"
+SEND_NOTIFICATION = "caretaker.incidents.send_notification"
+# Room the task needs around a step's own timeout to record its result.
+STEP_MARGIN_S = 30
+# A batch of occurrences is routed by one task; more than this is split.
+ROUTE_BATCH = 500
+
+
+def send(name: str, args: list[Any], queue: str | None = None, **options: Any) -> None:
+    """Publish one task; BrokerUnavailable when the broker cannot take it now."""
+    # Publishing never retries here: PostgreSQL holds the work and the sweeper sends it again.
+    try:
+        app.send_task(name, args=args, queue=queue, retry=False, **options)
+    except (OperationalError, OSError) as exc:
+        raise BrokerUnavailable(f"broker unavailable for {name}: {exc}") from exc
+
+
+def route_occurrences(ids: list[int]) -> None:
+    """Ask the alerts queue to route these occurrences to their runbooks."""
+    for start in range(0, len(ids), ROUTE_BATCH):
+        send(ROUTE_OCCURRENCES, [ids[start : start + ROUTE_BATCH]])
+
+
+def execute_steps(steps: list[StepRef]) -> None:
+    """Send each step to the queue of its kind, with time limits around its own timeout."""
+    for step in steps:
+        send(
+            EXECUTE_STEP,
+            [step.id],
+            queue=STEP_QUEUES[step.kind],
+            soft_time_limit=step.timeout_s + STEP_MARGIN_S,
+            time_limit=step.timeout_s + 2 * STEP_MARGIN_S,
+        )
+
+
+def send_notifications(ids: list[int]) -> None:
+    """Send queued notifications through the incidents queue."""
+    for notification_id in ids:
+        send(SEND_NOTIFICATION, [notification_id])
+
+
+def try_send(what: str, func: Any, *args: Any) -> bool:
+    """Send after a commit; on failure log it and leave the work to the sweeper."""
+    try:
+        func(*args)
+    except BrokerUnavailable as exc:
+        log.warning("dispatch deferred to the sweeper what=%s error=%s", what, exc)
+        return False
+    return True

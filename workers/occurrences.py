@@ -1,0 +1,217 @@
+"""Recording alert occurrences: one row per firing episode, however often it is repeated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from workers.db import Connection
+from workers.payloads import Alert, Notification
+
+SOURCE_ALERTMANAGER = "alertmanager"
+
+
+@dataclass
+class Recorded:
+    """What one notification changed, for the answer and the metrics."""
+
+    new_ids: list[int] = field(default_factory=list)
+    deduplicated: int = 0
+    resolved: int = 0
+    ignored: int = 0
+    cancelled_runs: int = 0
+    resolved_incidents: int = 0
+
+
+def record_notification(conn: Connection, notification: Notification) -> Recorded:
+    """Record a notification's alerts in the caller's transaction, as one batch."""
+    firing: dict[tuple[str, str], Alert] = {}
+    resolved: dict[tuple[str, str], Alert] = {}
+    for alert in notification.alerts:
+        key = (alert.fingerprint, alert.starts_at.isoformat())
+        (firing if alert.status == "firing" else resolved)[key] = alert
+
+    recorded = Recorded()
+    if firing:
+        _record_firing(conn, notification, list(firing.values()), recorded)
+    if resolved:
+        _record_resolved(conn, list(resolved.values()), recorded)
+    if notification.truncated_alerts:
+        _note_truncation(conn, notification)
+    return recorded
+
+
+def _record_firing(
+    conn: Connection, notification: Notification, alerts: list[Alert], recorded: Recorded
+) -> None:
+    rows = [
+        {
+            "fingerprint": alert.fingerprint,
+            "starts_at": alert.starts_at.isoformat(),
+            "labels": alert.labels,
+            "annotations": alert.annotations,
+            "generator_url": alert.generator_url,
+        }
+        for alert in alerts
+    ]
+    # One statement for the whole group: thousands of alerts in an outage are one round trip.
+    # A repeat only refreshes last_seen_at; xmax = 0 tells a new row from a repeat.
+    cursor = conn.execute(
+        """
+        INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations,
+                                 generator_url, group_key, truncated_alerts)
+        SELECT %(source)s, x.fingerprint, x.starts_at, 'firing', x.labels, x.annotations,
+               x.generator_url, %(group_key)s, %(truncated)s
+          FROM jsonb_to_recordset(%(rows)s::jsonb) AS x(fingerprint text, starts_at timestamptz,
+               labels jsonb, annotations jsonb, generator_url text)
+        ON CONFLICT (source, fingerprint, starts_at) DO UPDATE
+           SET last_seen_at = now(),
+               truncated_alerts = greatest(occurrences.truncated_alerts, excluded.truncated_alerts)
+        RETURNING id, (xmax = 0) AS inserted
+        """,
+        {
+            "source": SOURCE_ALERTMANAGER,
+            "group_key": notification.group_key,
+            "truncated": notification.truncated_alerts,
+            "rows": json.dumps(rows),
+        },
+    )
+    for row in cursor.fetchall():
+        if row["inserted"]:
+            recorded.new_ids.append(row["id"])
+        else:
+            recorded.deduplicated += 1
+    if recorded.new_ids:
+        conn.execute(
+            """
+            INSERT INTO events (kind, actor, occurrence_id, message)
+            SELECT 'occurrence_received', 'alertmanager', id, 'alert firing'
+              FROM unnest(%s::bigint[]) AS id
+            """,
+            (recorded.new_ids,),
+        )
+
+
+def _record_resolved(conn: Connection, alerts: list[Alert], recorded: Recorded) -> None:
+    rows = [
+        {
+            "fingerprint": a.fingerprint,
+            "starts_at": a.starts_at.isoformat(),
+            "ends_at": a.ends_at.isoformat() if a.ends_at else None,
+        }
+        for a in alerts
+    ]
+    cursor = conn.execute(
+        """
+        UPDATE occurrences o
+           SET status = 'resolved', ends_at = coalesce(x.ends_at, now()), resolved_at = now(),
+               last_seen_at = now()
+          FROM jsonb_to_recordset(%s::jsonb) AS x(fingerprint text, starts_at timestamptz,
+               ends_at timestamptz)
+         WHERE o.source = 'alertmanager' AND o.fingerprint = x.fingerprint
+           AND o.starts_at = x.starts_at AND o.status = 'firing'
+        RETURNING o.id, o.fingerprint
+        """,
+        (json.dumps(rows),),
+    )
+    closed = cursor.fetchall()
+    recorded.resolved = len(closed)
+    # A resolved alert never seen firing, or resolved already, changes nothing.
+    recorded.ignored = len(alerts) - len(closed)
+    if not closed:
+        return
+
+    ids = [row["id"] for row in closed]
+    conn.execute(
+        """
+        INSERT INTO events (kind, actor, occurrence_id, message)
+        SELECT 'occurrence_resolved', 'alertmanager', id, 'alert resolved'
+          FROM unnest(%s::bigint[]) AS id
+        """,
+        (ids,),
+    )
+    recorded.cancelled_runs = cancel_runs(conn, ids, reason="alert resolved")
+    fingerprints = sorted({row["fingerprint"] for row in closed})
+    recorded.resolved_incidents = resolve_incidents_for(conn, fingerprints)
+
+
+def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str) -> int:
+    """Cancel the active runs of these occurrences and skip their steps not yet started."""
+    # Runs are locked before their steps, in the same order as the step tasks lock them.
+    runs = conn.execute(
+        """
+        UPDATE runs SET status = 'cancelled', finished_at = now()
+         WHERE occurrence_id = ANY(%s) AND status IN ('running', 'waiting')
+        RETURNING id
+        """,
+        (occurrence_ids,),
+    ).fetchall()
+    run_ids = [row["id"] for row in runs]
+    if not run_ids:
+        return 0
+    conn.execute(
+        """
+        UPDATE steps SET status = 'skipped', finished_at = now(), error = %s
+         WHERE run_id = ANY(%s) AND status IN ('pending', 'waiting')
+        """,
+        (reason, run_ids),
+    )
+    conn.execute(
+        """
+        INSERT INTO events (kind, actor, run_id, message)
+        SELECT 'run_cancelled', 'alertmanager', id, %s FROM unnest(%s::bigint[]) AS id
+        """,
+        (reason, run_ids),
+    )
+    return len(run_ids)
+
+
+def resolve_incidents_for(conn: Connection, fingerprints: list[str]) -> int:
+    """Resolve open incidents of these fingerprints that have no firing occurrence left."""
+    rows = conn.execute(
+        """
+        UPDATE incidents i
+           SET status = 'resolved', resolved_at = now(), resolved_by = 'alertmanager',
+               updated_at = now()
+         WHERE i.source = 'alertmanager' AND i.dedup_key = ANY(%s) AND i.status <> 'resolved'
+           AND NOT EXISTS (SELECT 1 FROM occurrences o
+                            WHERE o.source = 'alertmanager' AND o.fingerprint = i.dedup_key
+                              AND o.status = 'firing')
+        RETURNING i.id
+        """,
+        (fingerprints,),
+    ).fetchall()
+    ids = [row["id"] for row in rows]
+    if ids:
+        conn.execute(
+            """
+            INSERT INTO events (kind, actor, incident_id, message)
+            SELECT 'incident_resolved', 'alertmanager', id, 'alert resolved'
+              FROM unnest(%s::bigint[]) AS id
+            """,
+            (ids,),
+        )
+    return len(ids)
+
+
+def _note_truncation(conn: Connection, notification: Notification) -> None:
+    # Alertmanager dropped alerts from this group: show it on any open incident of the group.
+    fingerprints = sorted({alert.fingerprint for alert in notification.alerts})
+    rows = conn.execute(
+        """
+        UPDATE incidents SET truncated_alerts = greatest(truncated_alerts, %s), updated_at = now()
+         WHERE source = 'alertmanager' AND dedup_key = ANY(%s) AND status <> 'resolved'
+        RETURNING id
+        """,
+        (notification.truncated_alerts, fingerprints),
+    ).fetchall()
+    for row in rows:
+        conn.execute(
+            "INSERT INTO events (kind, actor, incident_id, message, data)"
+            " VALUES ('alerts_truncated', 'alertmanager', %s, %s, %s)",
+            (
+                row["id"],
+                f"alertmanager dropped {notification.truncated_alerts} alerts from the group",
+                json.dumps({"truncated_alerts": notification.truncated_alerts}),
+            ),
+        )

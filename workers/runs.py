@@ -1,0 +1,271 @@
+"""The run state machine in PostgreSQL: steps go pending -> running -> succeeded | failed | skipped.
+
+Every transition locks the run row first and its steps second, so a cancellation from the
+webhook and a step finishing on a worker never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from workers.config import RunbookConfig, StepConfig
+from workers.db import Connection, Row
+
+ACTIVE_RUN = ("running", "waiting")
+# Steps whose worker died are re-run at most this many times in all, and only when idempotent.
+MAX_TRIES = 3
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """A step to hand to the broker."""
+
+    id: int
+    kind: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A step this worker now owns until its lease expires."""
+
+    step: Row
+    run: Row
+    occurrence: Row
+    tries: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a step produced: its result document and whether it passed."""
+
+    ok: bool
+    result: dict[str, Any]
+    error: str | None = None
+
+
+def create_run(
+    conn: Connection,
+    occurrence_id: int,
+    runbook: RunbookConfig,
+    params: list[dict[str, Any]],
+    trigger: str,
+) -> StepRef:
+    """Create the run of an occurrence with its steps, all pending; return the first step."""
+    run_id = conn.execute(
+        """
+        INSERT INTO runs (occurrence_id, runbook, status, trigger, on_failure)
+        VALUES (%s, %s, 'running', %s, %s) RETURNING id
+        """,
+        (occurrence_id, runbook.name, trigger, runbook.on_failure.model_dump_json()),
+    ).fetchone()["id"]  # type: ignore[index]
+    for position, (step, step_params) in enumerate(zip(runbook.steps, params, strict=True)):
+        _insert_step(conn, run_id, position, step, step_params)
+    event(
+        conn,
+        "run_created",
+        "caretaker",
+        f"runbook {runbook.name}",
+        run_id=run_id,
+        occurrence_id=occurrence_id,
+    )
+    return _mark_dispatched(conn, run_id, 0)
+
+
+def _insert_step(
+    conn: Connection, run_id: int, position: int, step: StepConfig, params: dict[str, Any]
+) -> None:
+    spec = step.model_dump(include={"attempts", "delay_s", "accept", "idempotent", "timeout_s"})
+    if spec["idempotent"] is None:
+        spec["idempotent"] = step.kind in ("check", "verify", "escalate")
+    conn.execute(
+        """
+        INSERT INTO steps (run_id, position, name, kind, action, params, spec, status)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending')
+        """,
+        (run_id, position, step.name, step.kind, step.action, json.dumps(params), json.dumps(spec)),
+    )
+
+
+def _mark_dispatched(conn: Connection, run_id: int, position: int) -> StepRef:
+    row = conn.execute(
+        """
+        UPDATE steps SET dispatched_at = now() WHERE run_id = %s AND position = %s
+        RETURNING id, kind, spec
+        """,
+        (run_id, position),
+    ).fetchone()
+    assert row is not None
+    return StepRef(row["id"], row["kind"], float(row["spec"]["timeout_s"]))
+
+
+def claim_step(conn: Connection, step_id: int, worker: str, lease_s: float) -> Claim | None:
+    """Take a pending step of an active run; None when there is nothing to do."""
+    run = conn.execute(
+        "SELECT r.* FROM runs r JOIN steps s ON s.run_id = r.id WHERE s.id = %s FOR UPDATE OF r",
+        (step_id,),
+    ).fetchone()
+    if run is None or run["status"] not in ACTIVE_RUN:
+        return None
+    step = conn.execute(
+        """
+        UPDATE steps SET status = 'running', tries = tries + 1, worker = %s,
+               started_at = now(), lease_expires_at = now() + make_interval(secs => %s)
+         WHERE id = %s AND status = 'pending'
+        RETURNING *
+        """,
+        (worker, lease_s, step_id),
+    ).fetchone()
+    if step is None:
+        return None
+    occurrence = conn.execute(
+        "SELECT * FROM occurrences WHERE id = %s", (run["occurrence_id"],)
+    ).fetchone()
+    assert occurrence is not None
+    event(
+        conn,
+        "step_started",
+        worker,
+        f"step {step['name']} started (try {step['tries']})",
+        run_id=run["id"],
+        step_id=step_id,
+    )
+    return Claim(step=step, run=run, occurrence=occurrence, tries=step["tries"])
+
+
+def renew_lease(conn: Connection, step_id: int, tries: int, lease_s: float) -> bool:
+    """Extend a running step's lease; False when the step is no longer this worker's."""
+    row = conn.execute(
+        """
+        UPDATE steps SET lease_expires_at = now() + make_interval(secs => %s)
+         WHERE id = %s AND tries = %s AND status = 'running'
+        RETURNING id
+        """,
+        (lease_s, step_id, tries),
+    ).fetchone()
+    return row is not None
+
+
+def finish_step(conn: Connection, claim: Claim, outcome: Outcome, actor: str) -> list[StepRef]:
+    """Record a step's result with its state change; return the steps to dispatch next."""
+    step_id = claim.step["id"]
+    run = conn.execute("SELECT * FROM runs WHERE id = %s FOR UPDATE", (claim.run["id"],)).fetchone()
+    assert run is not None
+    current = conn.execute("SELECT status, tries FROM steps WHERE id = %s", (step_id,)).fetchone()
+    # The lease ran out and the sweeper gave the step to someone else: this result is stale.
+    if current is None or current["status"] != "running" or current["tries"] != claim.tries:
+        event(
+            conn,
+            "step_result_discarded",
+            actor,
+            "result arrived after the lease was lost",
+            run_id=run["id"],
+            step_id=step_id,
+            data={"tries": claim.tries},
+        )
+        return []
+
+    status = "succeeded" if outcome.ok else "failed"
+    conn.execute(
+        """
+        UPDATE steps SET status = %s, result = %s, error = %s, finished_at = now(),
+               lease_expires_at = NULL
+         WHERE id = %s
+        """,
+        (status, json.dumps(outcome.result), outcome.error, step_id),
+    )
+    message = f"step {claim.step['name']} {status}"
+    if outcome.error:
+        message += f": {outcome.error}"
+    event(
+        conn,
+        f"step_{status}",
+        actor,
+        message,
+        run_id=run["id"],
+        step_id=step_id,
+        data={"result": outcome.result},
+    )
+    if run["status"] not in ACTIVE_RUN:
+        return []
+    if outcome.ok:
+        return _advance(conn, run, claim.step)
+    return fail_run(conn, run, claim.step, outcome.error or "step failed", actor)
+
+
+def _advance(conn: Connection, run: Row, step: Row) -> list[StepRef]:
+    following = conn.execute(
+        "SELECT position FROM steps WHERE run_id = %s AND status = 'pending'"
+        " ORDER BY position LIMIT 1",
+        (run["id"],),
+    ).fetchone()
+    if following is not None:
+        return [_mark_dispatched(conn, run["id"], following["position"])]
+    status = "escalated" if step["kind"] == "escalate" else "recovered"
+    _finish_run(conn, run["id"], status)
+    return []
+
+
+def fail_run(conn: Connection, run: Row, step: Row, reason: str, actor: str) -> list[StepRef]:
+    """Handle a failed step of a locked run: skip the rest, and escalate unless that failed."""
+    conn.execute(
+        """
+        UPDATE steps SET status = 'skipped', finished_at = now(), error = 'an earlier step failed'
+         WHERE run_id = %s AND status IN ('pending', 'waiting')
+        """,
+        (run["id"],),
+    )
+    if step["kind"] == "escalate" or not run["on_failure"].get("escalate", True):
+        _finish_run(conn, run["id"], "failed")
+        return []
+
+    position = conn.execute(
+        "SELECT max(position) + 1 AS next FROM steps WHERE run_id = %s", (run["id"],)
+    ).fetchone()["next"]  # type: ignore[index]
+    escalation = StepConfig(name="escalate", kind="escalate", action="escalate", timeout_s=60)
+    params = {
+        "severity": run["on_failure"].get("severity", "critical"),
+        "reason": f"step {step['name']} failed: {reason}",
+        "failed_step_id": step["id"],
+    }
+    _insert_step(conn, run["id"], position, escalation, params)
+    event(conn, "escalation_planned", actor, params["reason"], run_id=run["id"], step_id=step["id"])
+    return [_mark_dispatched(conn, run["id"], position)]
+
+
+def _finish_run(conn: Connection, run_id: int, status: str) -> None:
+    conn.execute("UPDATE runs SET status = %s, finished_at = now() WHERE id = %s", (status, run_id))
+    event(conn, f"run_{status}", "caretaker", f"run {status}", run_id=run_id)
+
+
+def event(
+    conn: Connection,
+    kind: str,
+    actor: str,
+    message: str,
+    *,
+    occurrence_id: int | None = None,
+    run_id: int | None = None,
+    step_id: int | None = None,
+    incident_id: int | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Append one event to the log that timelines and the audit read."""
+    conn.execute(
+        """
+        INSERT INTO events (kind, actor, occurrence_id, run_id, step_id, incident_id, message, data)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (
+            kind,
+            actor,
+            occurrence_id,
+            run_id,
+            step_id,
+            incident_id,
+            message,
+            json.dumps(data or {}, default=str),
+        ),
+    )

@@ -1,0 +1,67 @@
+"""The one typed settings object, read from CARETAKER_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Scalar settings; structured configuration lives in the YAML file at `config`."""
+
+    model_config = SettingsConfigDict(env_prefix="CARETAKER_", extra="ignore")
+
+    broker_url: str = "redis://localhost:6379/0"
+    database_url: str = "postgresql://localhost/caretaker"
+    config: Path | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9095, ge=1, le=65535)
+    # Alertmanager authenticates with either a bearer token or basic auth; unset means open.
+    webhook_token: SecretStr | None = None
+    webhook_username: str | None = None
+    webhook_password: SecretStr | None = None
+    webhook_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+
+    # Redis redelivers an unacknowledged task after this long; kept short so a killed worker
+    # delays alert work by minutes. Long steps hold a lease in PostgreSQL instead.
+    visibility_timeout_s: int = Field(default=300, ge=10)
+    lease_s: int = Field(default=120, ge=5)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    # Work recorded or dispatched this long ago and still not started is dispatched again.
+    dispatch_grace_s: float = Field(default=60.0, ge=0)
+    system_check_interval_s: float = Field(default=300.0, gt=0)
+
+    task_soft_time_limit_s: int = Field(default=300, ge=1)
+    task_time_limit_s: int = Field(default=360, ge=1)
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=10, ge=1)
+    db_connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    notify_timeout_s: float = Field(default=10.0, gt=0)
+    notify_max_retries: int = Field(default=5, ge=0)
+
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings of this process, read once."""
+    return Settings()
+
+
+def read_env_secret(name: str) -> str:
+    """The value of the environment variable a configuration secret refers to."""
+    import os
+
+    value = os.environ.get(name)
+    if value is None:
+        raise KeyError(f"environment variable {name!r} named by a secret reference is not set")
+    return value
