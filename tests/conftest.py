@@ -172,7 +172,8 @@ def db(database: str, broker: redis.Redis) -> Iterator[psycopg.Connection[dict[s
         yield conn
 
 
-@pytest.fixture(scope="session")
+# Module scope: tests that inspect queued messages must not share the broker with a worker.
+@pytest.fixture(scope="module")
 def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[bytes]]:
     """A real Celery worker process on every queue, sharing the tests' database and broker."""
     log_path = STATE_DIR / "worker.log"
@@ -283,3 +284,78 @@ def notification(*alerts: dict[str, Any], truncated: int = 0) -> dict[str, Any]:
         "externalURL": "http://alertmanager.example",
         "alerts": list(alerts),
     }
+
+
+class Processes:
+    """Starts caretaker's real processes for a test and stops them afterwards."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, args: list[str], env: dict[str, str] | None = None, name: str = "process"
+    ) -> subprocess.Popen[bytes]:
+        log_path = STATE_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env={**os.environ, **TEST_ENV, **(env or {})},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        process.log_path = log_path  # type: ignore[attr-defined]
+        self.started.append(process)
+        return process
+
+    def webhook(self, env: dict[str, str] | None = None) -> str:
+        """Start `caretaker webhook` on a free port; return its base URL once healthy."""
+        import httpx
+
+        port = free_port()
+        process = self.start(
+            [sys.executable, "-m", "workers.cli", "webhook", "--port", str(port)],
+            env,
+            name="webhook",
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"webhook exited: {process.log_path.read_text()}")  # type: ignore[attr-defined]
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code in (200, 503)
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout_s=30, what="the webhook to listen")
+        return url
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    yield started
+    started.stop_all()
+
+
+def queued_tasks(client: redis.Redis, queue: str) -> list[tuple[str, Any]]:
+    """The (task name, args) of every message waiting in a Celery queue on Redis."""
+    import base64
+
+    found = []
+    for raw in client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        found.append((message["headers"]["task"], body[0]))
+    return found

@@ -28,6 +28,8 @@ _pool: ConnectionPool[Connection] | None = None
 _pool_lock = threading.Lock()
 # Serialises migrations across processes that start at the same time.
 _MIGRATION_LOCK_ID = 0x63617265
+# Seconds the pool keeps retrying a lost connection before it lets a new request try afresh.
+DB_RECONNECT_GIVE_UP_S = 10.0
 
 
 def _reset_after_fork() -> None:
@@ -51,6 +53,9 @@ def get_pool() -> ConnectionPool[Connection]:
                 max_size=settings.db_pool_max,
                 kwargs={"row_factory": dict_row, "connect_timeout": settings.db_connect_timeout_s},
                 timeout=settings.db_connect_timeout_s,
+                # The pool's retry delay doubles without bound; giving up early lets the next
+                # request start a fresh attempt, so service resumes soon after PostgreSQL does.
+                reconnect_timeout=DB_RECONNECT_GIVE_UP_S,
                 open=True,
                 check=ConnectionPool.check_connection,
                 name="caretaker",

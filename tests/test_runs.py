@@ -1,0 +1,149 @@
+"""The run state machine on the real PostgreSQL, without a worker: claims, results, leases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import redis
+
+from tasks.alerts import route_one
+from tasks.sweeper import sweep_lost_work
+from tests.conftest import alert, notification, queued_tasks
+from workers import runs
+from workers.config import get_config
+from workers.db import transaction
+from workers.occurrences import record_notification
+from workers.payloads import Notification
+from workers.runs import Outcome, StepRef
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def routed_run(*alerts: dict[str, Any]) -> StepRef:
+    """Record the alerts and route the first; return its first step."""
+    with transaction() as conn:
+        recorded = record_notification(conn, Notification.model_validate(notification(*alerts)))
+        first = route_one(conn, recorded.new_ids[0], get_config())
+    assert first is not None
+    return first
+
+
+def claim(step: StepRef) -> runs.Claim:
+    with transaction() as conn:
+        found = runs.claim_step(conn, step.id, "worker:test", lease_s=60)
+    assert found is not None
+    return found
+
+
+def finish(found: runs.Claim, outcome: Outcome) -> list[StepRef]:
+    with transaction() as conn:
+        return runs.finish_step(conn, found, outcome, "worker:test")
+
+
+def steps(db: Conn) -> list[tuple[str, str]]:
+    rows = db.execute("SELECT name, status FROM steps ORDER BY position").fetchall()
+    return [(row["name"], row["status"]) for row in rows]
+
+
+def test_labels_reach_parameters_only_as_whole_arguments(db: Conn) -> None:
+    routed_run(alert("ServiceDown", fingerprint="p1", port="8080"))
+
+    row = db.execute("SELECT params FROM steps WHERE name = 'restart'").fetchone()
+    assert row is not None
+    assert row["params"]["argv"][2] == "8080"
+
+
+def test_a_step_is_claimed_once(db: Conn) -> None:
+    first = routed_run(alert("ServiceDown", fingerprint="c1", port="1"))
+
+    claim(first)
+    with transaction() as conn:
+        again = runs.claim_step(conn, first.id, "worker:other", lease_s=60)
+
+    assert again is None
+    assert steps(db)[0] == ("diagnose", "running")
+
+
+def test_success_dispatches_the_next_step_and_failure_plans_escalation(db: Conn) -> None:
+    first = routed_run(alert("ServiceDown", fingerprint="s1", port="1"))
+
+    [second] = finish(claim(first), Outcome(ok=True, result={"status": "critical"}))
+    [escalation] = finish(claim(second), Outcome(ok=False, result={}, error="exit 3"))
+
+    assert escalation.kind == "escalate"
+    assert steps(db) == [
+        ("diagnose", "succeeded"),
+        ("restart", "failed"),
+        ("confirm", "skipped"),
+        ("escalate", "pending"),
+    ]
+    row = db.execute("SELECT result, error FROM steps WHERE name = 'restart'").fetchone()
+    assert row == {"result": {}, "error": "exit 3"}
+
+
+def test_last_success_recovers_the_run(db: Conn) -> None:
+    step = routed_run(alert("ServiceDown", fingerprint="r1", port="1"))
+
+    for _ in range(3):
+        following = finish(claim(step), Outcome(ok=True, result={}))
+        step = following[0] if following else step
+
+    assert following == []
+    assert db.execute("SELECT status FROM runs").fetchone() == {"status": "recovered"}
+
+
+def test_a_cancelled_run_claims_nothing(db: Conn) -> None:
+    first = routed_run(alert("ServiceDown", fingerprint="x1", port="1"))
+    db.execute("UPDATE runs SET status = 'cancelled'")
+
+    with transaction() as conn:
+        found = runs.claim_step(conn, first.id, "worker:test", lease_s=60)
+
+    assert found is None
+    assert steps(db)[0] == ("diagnose", "pending")
+
+
+def test_a_result_after_the_lease_was_lost_is_discarded(db: Conn) -> None:
+    first = routed_run(alert("ServiceDown", fingerprint="d1", port="1"))
+    stale = claim(first)
+    db.execute("UPDATE steps SET status = 'pending' WHERE id = %s", (first.id,))
+    claim(first)
+
+    assert finish(stale, Outcome(ok=False, result={}, error="late")) == []
+    assert steps(db)[0] == ("diagnose", "running")
+    kinds = [
+        e["kind"] for e in db.execute("SELECT kind FROM events WHERE step_id = %s", (first.id,))
+    ]
+    assert "step_result_discarded" in kinds
+
+
+def test_idempotent_step_whose_lease_expired_is_run_again(db: Conn, broker: redis.Redis) -> None:
+    first = routed_run(alert("ServiceDown", fingerprint="l1", port="1"))
+    claim(first)
+    db.execute(
+        "UPDATE steps SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (first.id,)
+    )
+
+    counts = sweep_lost_work()
+
+    assert counts["steps"] == 1
+    step = db.execute("SELECT status, tries FROM steps WHERE id = %s", (first.id,)).fetchone()
+    assert step == {"status": "pending", "tries": 1}
+    assert [args for _, args in queued_tasks(broker, "checks")] == [[first.id]]
+    kinds = [
+        e["kind"] for e in db.execute("SELECT kind FROM events WHERE step_id = %s", (first.id,))
+    ]
+    assert kinds == ["step_started", "step_requeued"]
+
+
+def test_sweeper_sends_unrouted_occurrences_after_the_grace(db: Conn, broker: redis.Redis) -> None:
+    with transaction() as conn:
+        record_notification(conn, Notification.model_validate(notification(alert(fingerprint="u"))))
+    db.execute("UPDATE occurrences SET received_at = now() - interval '1 hour'")
+
+    counts = sweep_lost_work()
+
+    assert counts["occurrences"] == 1
+    assert queued_tasks(broker, "alerts") == [("caretaker.alerts.route_occurrences", [[1]])]
+    assert db.execute("SELECT at FROM heartbeats WHERE name = 'sweeper'").fetchone() is not None
