@@ -23,7 +23,9 @@ Conn = psycopg.Connection[dict[str, Any]]
 def routed_run(*alerts: dict[str, Any]) -> StepRef:
     """Record the alerts and route the first; return its first step."""
     with transaction() as conn:
-        recorded = record_notification(conn, Notification.model_validate(notification(*alerts)))
+        recorded = record_notification(
+            conn, Notification.model_validate(notification(*alerts)), get_config()
+        )
         first = route_one(conn, recorded.new_ids[0], get_config())
     assert first is not None
     return first
@@ -139,7 +141,8 @@ def test_idempotent_step_whose_lease_expired_is_run_again(db: Conn, broker: redi
 
 def test_sweeper_sends_unrouted_occurrences_after_the_grace(db: Conn, broker: redis.Redis) -> None:
     with transaction() as conn:
-        record_notification(conn, Notification.model_validate(notification(alert(fingerprint="u"))))
+        payload = Notification.model_validate(notification(alert(fingerprint="u")))
+        record_notification(conn, payload, get_config())
     db.execute("UPDATE occurrences SET received_at = now() - interval '1 hour'")
 
     counts = sweep_lost_work()

@@ -166,7 +166,10 @@ def test_resolved_alert_closes_occurrence_cancels_run_and_resolves_incident(
     assert [s["status"] for s in steps] == ["skipped", "skipped", "skipped"]
     found = db.execute("SELECT status FROM incidents WHERE id = %s", (incident.incident_id,))
     assert found.fetchone() == {"status": "resolved"}
-    # A resolved alert never triggers recovery: nothing is dispatched for it.
+    sent = db.execute("SELECT event FROM notifications ORDER BY id").fetchall()
+    assert [row["event"] for row in sent] == ["opened", "resolved"]
+    assert [args for _, args in queued_tasks(broker, "incidents")] == [[2]]
+    # A resolved alert never triggers recovery: nothing but its notification is dispatched.
     assert queued_tasks(broker, "alerts") == []
     assert queued_tasks(broker, "remediation") == []
 

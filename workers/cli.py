@@ -44,14 +44,20 @@ def main() -> None:
         level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    try:
-        cli(standalone_mode=True)
-    except CaretakerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    cli()
 
 
-@click.group()
+class _Commands(click.Group):
+    """The top-level group: caretaker's own errors become one clear line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CaretakerError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Commands)
 def cli() -> None:
     """caretaker: alerts and schedules become runbooks on Celery workers."""
 

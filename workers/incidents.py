@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from workers.config import Config
 from workers.db import Connection, Row
@@ -138,8 +137,10 @@ def timeline(conn: Connection, incident_id: int) -> list[Row]:
     ).fetchall()
 
 
-def set_status(conn: Connection, incident_id: int, status: str, person: str) -> Row:
-    """Acknowledge or resolve an incident on a person's word."""
+def set_status(
+    conn: Connection, incident_id: int, status: str, person: str, config: Config
+) -> tuple[Row, list[int]]:
+    """Acknowledge or resolve an incident on a person's word; return it and its notifications."""
     current = get(conn, incident_id)
     if current["status"] == "resolved":
         raise Conflict(f"incident {incident_id} is already resolved")
@@ -157,12 +158,5 @@ def set_status(conn: Connection, incident_id: int, status: str, person: str) -> 
         f"{status} by {person}",
         incident_id=incident_id,
     )
-    return row
-
-
-def summary(row: Row) -> dict[str, Any]:
-    """An incident as plain JSON-able data."""
-    return {
-        key: (value.isoformat() if hasattr(value, "isoformat") else value)
-        for key, value in row.items()
-    }
+    what = "acknowledged" if status == "acknowledged" else "resolved"
+    return row, queue_notifications(conn, incident_id, what, f"{what} by {person}", config)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from workers.config import Config
 from workers.db import Connection
+from workers.incidents import queue_notifications
 from workers.payloads import Alert, Notification
 
 SOURCE_ALERTMANAGER = "alertmanager"
@@ -21,9 +23,10 @@ class Recorded:
     ignored: int = 0
     cancelled_runs: int = 0
     resolved_incidents: int = 0
+    notification_ids: list[int] = field(default_factory=list)
 
 
-def record_notification(conn: Connection, notification: Notification) -> Recorded:
+def record_notification(conn: Connection, notification: Notification, config: Config) -> Recorded:
     """Record a notification's alerts in the caller's transaction, as one batch."""
     firing: dict[tuple[str, str], Alert] = {}
     resolved: dict[tuple[str, str], Alert] = {}
@@ -35,7 +38,7 @@ def record_notification(conn: Connection, notification: Notification) -> Recorde
     if firing:
         _record_firing(conn, notification, list(firing.values()), recorded)
     if resolved:
-        _record_resolved(conn, list(resolved.values()), recorded)
+        _record_resolved(conn, list(resolved.values()), recorded, config)
     if notification.truncated_alerts:
         _note_truncation(conn, notification)
     return recorded
@@ -92,7 +95,9 @@ def _record_firing(
         )
 
 
-def _record_resolved(conn: Connection, alerts: list[Alert], recorded: Recorded) -> None:
+def _record_resolved(
+    conn: Connection, alerts: list[Alert], recorded: Recorded, config: Config
+) -> None:
     rows = [
         {
             "fingerprint": a.fingerprint,
@@ -132,7 +137,12 @@ def _record_resolved(conn: Connection, alerts: list[Alert], recorded: Recorded) 
     )
     recorded.cancelled_runs = cancel_runs(conn, ids, reason="alert resolved")
     fingerprints = sorted({row["fingerprint"] for row in closed})
-    recorded.resolved_incidents = resolve_incidents_for(conn, fingerprints)
+    resolved_ids = resolve_incidents_for(conn, fingerprints)
+    recorded.resolved_incidents = len(resolved_ids)
+    for incident_id in resolved_ids:
+        recorded.notification_ids += queue_notifications(
+            conn, incident_id, "resolved", "alert resolved", config
+        )
 
 
 def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str) -> int:
@@ -166,7 +176,7 @@ def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str) -> int
     return len(run_ids)
 
 
-def resolve_incidents_for(conn: Connection, fingerprints: list[str]) -> int:
+def resolve_incidents_for(conn: Connection, fingerprints: list[str]) -> list[int]:
     """Resolve open incidents of these fingerprints that have no firing occurrence left."""
     rows = conn.execute(
         """
@@ -191,7 +201,7 @@ def resolve_incidents_for(conn: Connection, fingerprints: list[str]) -> int:
             """,
             (ids,),
         )
-    return len(ids)
+    return ids
 
 
 def _note_truncation(conn: Connection, notification: Notification) -> None:

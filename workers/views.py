@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from workers import incidents
+from workers import dispatch, incidents
+from workers.config import get_config
 from workers.db import Row, transaction
 from workers.errors import NotFound
 
@@ -38,8 +39,13 @@ def incident_detail(incident_id: int) -> dict[str, Any]:
 
 
 def change_incident(incident_id: int, status: str, person: str) -> dict[str, Any]:
+    """Acknowledge or resolve an incident, then send its notifications."""
     with transaction() as conn:
-        return _plain(incidents.set_status(conn, incident_id, status, person))
+        row, notification_ids = incidents.set_status(
+            conn, incident_id, status, person, get_config()
+        )
+    dispatch.try_send("notifications", dispatch.send_notifications, notification_ids)
+    return _plain(row)
 
 
 def run_rows(status: str | None, limit: int) -> list[dict[str, Any]]:

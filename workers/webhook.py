@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from workers import dispatch, metrics
 from workers.app import app as celery_app
+from workers.config import get_config
 from workers.db import transaction
 from workers.errors import DatabaseUnavailable, PayloadError
 from workers.occurrences import Recorded, record_notification
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _count(notification, recorded)
 
         # The answer never waits for the broker: the sweeper dispatches whatever this misses.
-        task = BackgroundTask(_dispatch, recorded.new_ids) if recorded.new_ids else None
+        work = recorded.new_ids or recorded.notification_ids
+        task = BackgroundTask(_dispatch, recorded) if work else None
         return JSONResponse(_answer(notification, recorded), background=task)
 
     @api.get("/healthz")
@@ -136,13 +138,15 @@ def _parse(body: bytes) -> Notification:
 
 
 def _commit(notification: Notification) -> Recorded:
+    config = get_config()
     with transaction() as conn:
-        return record_notification(conn, notification)
+        return record_notification(conn, notification, config)
 
 
-def _dispatch(ids: list[int]) -> None:
+def _dispatch(recorded: Recorded) -> None:
     started = time.perf_counter()
-    dispatch.try_send("new occurrences", dispatch.route_occurrences, ids)
+    dispatch.try_send("new occurrences", dispatch.route_occurrences, recorded.new_ids)
+    dispatch.try_send("notifications", dispatch.send_notifications, recorded.notification_ids)
     metrics.DISPATCH_SECONDS.observe(time.perf_counter() - started)
 
 
