@@ -21,13 +21,15 @@ from workers import dispatch, runs
 from workers.app import app
 from workers.config import get_config
 from workers.db import transaction
-from workers.errors import CaretakerError, TransientError
-from workers.runs import Claim, Outcome
+from workers.errors import CaretakerError, DatabaseUnavailable, TransientError
+from workers.runs import Claim, Outcome, StepRef
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 WORKER = f"worker:{socket.gethostname()}"
+# Seconds between attempts to record a step's result while PostgreSQL is unreachable.
+RECORD_RETRY_DELAYS_S = (1, 2, 4, 8)
 
 
 @app.task(name="caretaker.runs.execute_step", acks_late=True, reject_on_worker_lost=True)
@@ -49,8 +51,7 @@ def execute_step(step_id: int) -> str:
     else:
         with _lease(claim, settings.lease_s):
             outcome = _perform(claim)
-        with transaction() as conn:
-            following = runs.finish_step(conn, claim, outcome, WORKER)
+            following = _record(claim, outcome)
 
     log.info("step finished step_id=%s run_id=%s ok=%s", step_id, claim.run["id"], outcome.ok)
     dispatch.try_send("next steps", dispatch.execute_steps, following)
@@ -58,6 +59,26 @@ def execute_step(step_id: int) -> str:
         "notifications", dispatch.send_notifications, outcome.result.get("notifications", [])
     )
     return "succeeded" if outcome.ok else "failed"
+
+
+def _record(claim: Claim, outcome: Outcome) -> list[StepRef]:
+    # The action has happened: losing its result to a short database outage would turn it into
+    # "outcome unknown", so recording is retried while the lease is still renewed.
+    for delay_s in (*RECORD_RETRY_DELAYS_S, None):
+        try:
+            with transaction() as conn:
+                return runs.finish_step(conn, claim, outcome, WORKER)
+        except DatabaseUnavailable as exc:
+            if delay_s is None:
+                raise
+            log.warning(
+                "recording step result failed step_id=%s retry_in_s=%s error=%s",
+                claim.step["id"],
+                delay_s,
+                exc,
+            )
+            time.sleep(delay_s)
+    raise AssertionError("unreachable")
 
 
 def _escalate(conn: Any, claim: Claim) -> Outcome:

@@ -97,6 +97,21 @@ def write_config() -> None:
                 "on_failure": {"escalate": True, "severity": "critical"},
             },
             {
+                "name": "long-step",
+                "matchers": ['alertname="LongStep"'],
+                "steps": [
+                    {
+                        "name": "work",
+                        "kind": "recover",
+                        "action": "run_command",
+                        "params": {
+                            "argv": [python, "-c", "import time; time.sleep(9)"],
+                            "timeout_s": 30,
+                        },
+                    },
+                ],
+            },
+            {
                 "name": "slow-check",
                 "matchers": ['alertname="SlowCheck"'],
                 "steps": [

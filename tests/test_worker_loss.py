@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from typing import Any
 
@@ -79,3 +80,31 @@ def test_killed_worker_leaves_outcome_unknown_and_escalates(
     ]
     assert kinds.count("step_requeued") == 0
     assert db.execute("SELECT count(*) AS n FROM incidents").fetchone() == {"n": 1}
+
+
+def test_a_live_worker_renews_the_lease_of_a_long_step(
+    db: Conn, broker: redis.Redis, worker: subprocess.Popen[bytes]
+) -> None:
+    from tasks.sweeper import sweep_lost_work
+
+    client = TestClient(create_app(Settings()))
+    client.post("/api/v1/alerts", json=notification(alert("LongStep", fingerprint="r1")))
+    started = wait_for(
+        lambda: db.execute("SELECT started_at FROM steps WHERE status = 'running'").fetchone(),
+        timeout_s=30,
+        what="the long step to start",
+    )
+
+    # Past the first lease (CARETAKER_LEASE_S is 6 in the tests), the step is still held.
+    wait_for(
+        lambda: db.execute(
+            "SELECT 1 WHERE now() > %s + interval '7 seconds'", (started["started_at"],)
+        ).fetchone(),
+        timeout_s=15,
+        what="the first lease to pass",
+    )
+    assert sweep_lost_work()["steps"] == 0
+
+    wait_for(lambda: run_statuses(db) == ["recovered"], timeout_s=30, what="the run to finish")
+    step = db.execute("SELECT tries, status FROM steps").fetchone()
+    assert step == {"tries": 1, "status": "succeeded"}
