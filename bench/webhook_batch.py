@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psycopg  # noqa: E402
+import psycopg
 
 SERVER = os.environ.get("CARETAKER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 DATABASE_URL = f"{SERVER}/caretaker_bench"
@@ -38,8 +38,12 @@ def payload(size: int, round_no: int) -> dict[str, Any]:
     alerts = [
         {
             "status": "firing",
-            "labels": {"alertname": "HostDown", "instance": f"host-{i}:9100", "job": "node",
-                       "severity": "critical"},
+            "labels": {
+                "alertname": "HostDown",
+                "instance": f"host-{i}:9100",
+                "job": "node",
+                "severity": "critical",
+            },
             "annotations": {"summary": f"host-{i} is down"},
             "startsAt": f"2026-12-01T{round_no:02d}:00:00Z",
             "endsAt": "0001-01-01T00:00:00Z",
@@ -53,8 +57,10 @@ def payload(size: int, round_no: int) -> dict[str, Any]:
 
 def bare_insert(body: bytes) -> None:
     data = json.loads(body)
-    rows = [{"fingerprint": a["fingerprint"], "starts_at": a["startsAt"], "labels": a["labels"]}
-            for a in data["alerts"]]
+    rows = [
+        {"fingerprint": a["fingerprint"], "starts_at": a["startsAt"], "labels": a["labels"]}
+        for a in data["alerts"]
+    ]
     with BARE.transaction():
         BARE.execute(
             "INSERT INTO bench_bare SELECT * FROM jsonb_to_recordset(%s::jsonb)"
@@ -77,10 +83,14 @@ def timed(func: Callable[[bytes], None], body: bytes) -> float:
 
 def reset() -> None:
     with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS bench_bare"
-                     " (fingerprint text, starts_at timestamptz, labels jsonb)")
-        conn.execute("TRUNCATE bench_bare, events, notifications, steps, runs, occurrences,"
-                     " incidents RESTART IDENTITY CASCADE")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_bare"
+            " (fingerprint text, starts_at timestamptz, labels jsonb)"
+        )
+        conn.execute(
+            "TRUNCATE bench_bare, events, notifications, steps, runs, occurrences,"
+            " incidents RESTART IDENTITY CASCADE"
+        )
 
 
 BARE: psycopg.Connection[Any]
@@ -91,8 +101,10 @@ def main() -> None:
     migrate(DATABASE_URL)
     # Both sides keep their connection open: the bare one here, caretaker's in its pool.
     BARE = psycopg.connect(DATABASE_URL, autocommit=True)
-    print(f"{'alerts':>7} {'bare ms':>9} {'new ms':>9} {'ratio':>6} {'repeat ms':>10} "
-          f"{'ratio':>6} {'us/alert':>9}")
+    print(
+        f"{'alerts':>7} {'bare ms':>9} {'new ms':>9} {'ratio':>6} {'repeat ms':>10} "
+        f"{'ratio':>6} {'us/alert':>9}"
+    )
     for size in SIZES:
         reset()
         bare, new, repeat = [], [], []
@@ -102,8 +114,10 @@ def main() -> None:
             new.append(timed(caretaker_record, body))
             repeat.append(timed(caretaker_record, body))
         b, n, r = (statistics.median(x) * 1000 for x in (bare, new, repeat))
-        print(f"{size:>7} {b:>9.2f} {n:>9.2f} {n / b:>6.2f} {r:>10.2f} {r / b:>6.2f} "
-              f"{n * 1000 / size:>9.1f}")
+        print(
+            f"{size:>7} {b:>9.2f} {n:>9.2f} {n / b:>6.2f} {r:>10.2f} {r / b:>6.2f} "
+            f"{n * 1000 / size:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def beat() -> None:
     """Celery beat, firing the calendar in beat_schedule.py."""
     from workers.app import app
 
-    app.start(["beat", "--loglevel", get_settings().log_level])
+    settings = get_settings()
+    app.start(["beat", "--loglevel", settings.log_level, "-s", str(settings.beat_schedule_file)])
 
 
 @cli.command()
@@ -166,9 +167,9 @@ def flower() -> None:
             "flower",
             f"--port={settings.flower_port}",
             f"--basic-auth={auth}",
-            "--max-tasks=10000",
+            f"--max-tasks={settings.flower_max_tasks}",
             "--persistent=True",
-            "--db=flower.db",
+            f"--db={settings.flower_db}",
         ]
     )
 

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     flower_port: int = Field(default=5555, ge=1, le=65535)
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
+    # Flower keeps at most this many tasks in memory, persisted to flower_db across restarts.
+    flower_max_tasks: int = Field(default=10000, ge=100)
+    flower_db: Path = Path("flower.db")
+    beat_schedule_file: Path = Path("celerybeat-schedule")
 
     log_level: str = "INFO"
 
