@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, check_system
 from tasks.commands import CommandParams
 from tasks.incidents import EscalateParams
-from workers.config import Config
+from workers.config import ActionsConfig
 
 CHECK_KINDS = ("check", "verify")
 
@@ -25,7 +25,7 @@ class Action:
     params: type[BaseModel]
     check: Callable[[Any], CheckResult] | None = None
 
-    def check_params(self, params: dict[str, Any], config: Config, where: str) -> list[str]:
+    def check_params(self, params: dict[str, Any], actions: ActionsConfig, where: str) -> list[str]:
         """Every problem with a step's parameters, each prefixed by its path."""
         # A reference's value is only known per alert: it is checked again when the step runs.
         references = {key for key, value in params.items() if _is_reference(value)}
@@ -37,7 +37,7 @@ class Action:
                 err for err in exc.errors() if err["loc"][:1] not in {(k,) for k in references}
             ]
             return [_format(where, err) for err in errors]
-        if isinstance(model, CommandParams) and model.argv[0] not in config.actions.allowlist:
+        if isinstance(model, CommandParams) and model.argv[0] not in actions.allowlist:
             return [f"{where}.argv[0]: executable {model.argv[0]!r} is not in actions.allowlist"]
         return []
 

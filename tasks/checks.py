@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 Status = Literal["healthy", "warning", "critical", "unknown"]
 _RANK: dict[str, int] = {"healthy": 0, "unknown": 1, "warning": 2, "critical": 3}
+# Body kept for `body_contains`; a larger answer is read to the end but not stored.
+BODY_LIMIT_BYTES = 1024 * 1024
 
 
 class CheckResult(BaseModel):
@@ -50,23 +53,18 @@ class HttpParams(Params):
 
 
 def check_http(params: HttpParams) -> CheckResult:
-    """GET (or HEAD/POST) a URL; critical when unreachable or the status is unexpected."""
+    """Request a URL; critical when unreachable, slow past timeout_s, or answering wrongly."""
     started = time.monotonic()
     try:
-        with httpx.Client(
-            timeout=params.timeout_s,
-            follow_redirects=params.follow_redirects,
-            verify=params.verify_tls,
-        ) as client:
-            response = client.request(params.method, params.url)
-    except httpx.TimeoutException:
+        status_code, body = _fetch_within(params)
+    except TimeoutError:
         return _timed(
             started,
             "critical",
             f"no answer from {params.url} within {params.timeout_s}s",
             {"url": params.url, "error": "timeout"},
         )
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         return _timed(
             started,
             "critical",
@@ -77,18 +75,59 @@ def check_http(params: HttpParams) -> CheckResult:
     latency_ms = (time.monotonic() - started) * 1000
     details: dict[str, Any] = {
         "url": params.url,
-        "status_code": response.status_code,
+        "status_code": status_code,
         "latency_ms": round(latency_ms, 1),
     }
     status: Status = "healthy"
-    summary = f"{params.url} answered {response.status_code} in {latency_ms:.0f} ms"
-    if response.status_code not in params.expected_status:
+    summary = f"{params.url} answered {status_code} in {latency_ms:.0f} ms"
+    if status_code not in params.expected_status:
         status, summary = "critical", f"{summary}, expected {params.expected_status}"
-    elif params.body_contains is not None and params.body_contains not in response.text:
+    elif params.body_contains is not None and params.body_contains not in body:
         status, summary = "critical", f"{summary}, body lacks {params.body_contains!r}"
     elif params.max_latency_ms is not None and latency_ms > params.max_latency_ms:
         status, summary = "warning", f"{summary}, over {params.max_latency_ms:.0f} ms"
     return _timed(started, status, summary, details, value=latency_ms)
+
+
+def _fetch_within(params: HttpParams) -> tuple[int, str]:
+    """Status and body of one request, all of it within timeout_s; TimeoutError otherwise."""
+    # httpx bounds each read, not the whole exchange: a server that trickles its answer would
+    # hold the check for ever. The request runs in a thread that is abandoned at the deadline
+    # and stops at its next read.
+    deadline = time.monotonic() + params.timeout_s
+    outcome: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            with (
+                httpx.Client(
+                    timeout=params.timeout_s,
+                    follow_redirects=params.follow_redirects,
+                    verify=params.verify_tls,
+                ) as client,
+                client.stream(params.method, params.url) as response,
+            ):
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        return
+                    body += chunk[: BODY_LIMIT_BYTES - len(body)]
+                outcome["answer"] = (response.status_code, body.decode(errors="replace"))
+        except Exception as exc:  # handed to the caller's thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fetch, name="check-http", daemon=True)
+    thread.start()
+    thread.join(params.timeout_s)
+    if "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, httpx.TimeoutException):
+            raise TimeoutError(str(error)) from error
+        raise error
+    if "answer" not in outcome:
+        raise TimeoutError(f"no complete answer within {params.timeout_s}s")
+    answer: tuple[int, str] = outcome["answer"]
+    return answer
 
 
 class SystemParams(Params):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import time
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # Output kept per stream; a chatty command must not bloat the step's row.
 OUTPUT_LIMIT_BYTES = 64 * 1024
+# Seconds to keep reading after the command exits, for output still in the pipes.
+OUTPUT_GRACE_S = 0.5
 
 
 class CommandParams(BaseModel):
@@ -49,7 +52,11 @@ def ensure_allowed(argv0: str, config: Config) -> None:
 
 
 def run_command(params: CommandParams, config: Config) -> CommandResult:
-    """Run argv with a timeout; the whole process group is killed when it overruns."""
+    """Run argv with a timeout on the command itself; its process group is killed on overrun.
+
+    The command is done when its process exits, not when its pipes close: a restart command
+    whose daemon inherits stdout must not hold the step (or be killed with it).
+    """
     ensure_allowed(params.argv[0], config)
     started = time.monotonic()
     try:
@@ -69,13 +76,12 @@ def run_command(params: CommandParams, config: Config) -> CommandResult:
             stderr=f"cannot start: {exc}",
             duration_s=0.0,
         )
-    timed_out = False
-    try:
-        stdout, stderr = process.communicate(timeout=params.timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    assert process.stdout is not None and process.stderr is not None
+    output = _Output([process.stdout, process.stderr])
+    timed_out = output.collect(process, started + params.timeout_s)
+    if timed_out:
         os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+    process.wait()
     duration_s = round(time.monotonic() - started, 3)
     log.info(
         "command finished argv0=%s exit_code=%s duration_s=%.3f",
@@ -83,18 +89,65 @@ def run_command(params: CommandParams, config: Config) -> CommandResult:
         process.returncode,
         duration_s,
     )
+    stdout, stderr = output.text()
     return CommandResult(
         argv=params.argv,
         exit_code=None if timed_out else process.returncode,
-        stdout=_tail(stdout),
-        stderr=_tail(stderr),
+        stdout=stdout,
+        stderr=stderr,
         duration_s=duration_s,
         timed_out=timed_out,
     )
 
 
-def _tail(data: bytes) -> str:
-    return data[-OUTPUT_LIMIT_BYTES:].decode(errors="replace")
+class _Output:
+    """The last OUTPUT_LIMIT_BYTES of each pipe, read without blocking on either."""
+
+    def __init__(self, pipes: list[IO[bytes]]) -> None:
+        self.pipes = pipes
+        self.fds = [pipe.fileno() for pipe in pipes]
+        self.tails = {fd: bytearray() for fd in self.fds}
+        self.selector = selectors.DefaultSelector()
+        for pipe in pipes:
+            self.selector.register(pipe.fileno(), selectors.EVENT_READ)
+
+    def collect(self, process: subprocess.Popen[bytes], deadline: float) -> bool:
+        """Read until the process exits (plus a short grace for its last output) or the
+        deadline passes; True when the deadline passed first."""
+        exited_at: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if exited_at is None and process.poll() is not None:
+                    exited_at = now
+                if exited_at is not None and (
+                    not self.selector.get_map() or now > exited_at + OUTPUT_GRACE_S
+                ):
+                    return False
+                if exited_at is None and now > deadline:
+                    return True
+                self._read(timeout_s=0.05)
+        finally:
+            self.selector.close()
+            for pipe in self.pipes:
+                pipe.close()
+
+    def _read(self, timeout_s: float) -> None:
+        if not self.selector.get_map():
+            time.sleep(timeout_s)
+            return
+        for key, _ in self.selector.select(timeout=timeout_s):
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                self.selector.unregister(key.fd)
+                continue
+            tail = self.tails[key.fd]
+            tail += chunk
+            del tail[:-OUTPUT_LIMIT_BYTES]
+
+    def text(self) -> tuple[str, str]:
+        out, err = (bytes(self.tails[fd]) for fd in self.fds)
+        return out.decode(errors="replace"), err.decode(errors="replace")
 
 
 @app.task(name="caretaker.commands.run_command")

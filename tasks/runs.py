@@ -103,6 +103,10 @@ def _perform(claim: Claim) -> Outcome:
         return Outcome(ok=False, result={}, error=f"bad parameters: {_first_error(exc)}")
     except (CaretakerError, OSError) as exc:
         return Outcome(ok=False, result={}, error=str(exc))
+    except Exception as exc:
+        # A bug in an action must not leave its step running until the lease runs out.
+        log.exception("step action crashed step_id=%s", step["id"])
+        return Outcome(ok=False, result={}, error=f"action crashed: {type(exc).__name__}: {exc}")
 
 
 def _recover(claim: Claim) -> Outcome:

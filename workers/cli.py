@@ -201,8 +201,10 @@ def config_check(file: Path | None) -> None:
         loaded = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            click.echo(f"{path}: {problem}", err=True)
-        raise click.ClickException(f"{len(exc.problems)} problems in {path}") from exc
+            located = problem if problem.startswith(f"{path}: ") else f"{path}: {problem}"
+            click.echo(located, err=True)
+        count = len(exc.problems)
+        raise click.ClickException(f"{count} problem{'s' if count > 1 else ''} in {path}") from exc
     click.echo(f"{path}: ok ({len(loaded.runbooks)} runbooks)")
 
 

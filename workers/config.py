@@ -5,10 +5,17 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from workers.errors import ConfigError
 from workers.matchers import Matcher, parse_matcher
@@ -30,6 +37,13 @@ class SecretRef(Strict):
     """A secret named by the environment variable that holds it; never a literal value."""
 
     env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_literal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("a secret must name its environment variable, as {env: NAME}")
+        return value
 
     def reveal(self) -> str:
         return read_env_secret(self.env)
@@ -63,6 +77,11 @@ class StepConfig(Strict):
     timeout_s: float = Field(default=300.0, gt=0, le=86400)
 
 
+def _valid_matcher(text: str) -> str:
+    parse_matcher(text)
+    return text
+
+
 class OnFailure(Strict):
     escalate: bool = True
     severity: Severity = "critical"
@@ -70,16 +89,9 @@ class OnFailure(Strict):
 
 class RunbookConfig(Strict):
     name: str = Field(min_length=1)
-    matchers: list[str] = Field(min_length=1)
+    matchers: list[Annotated[str, AfterValidator(_valid_matcher)]] = Field(min_length=1)
     steps: list[StepConfig] = Field(min_length=1)
     on_failure: OnFailure = OnFailure()
-
-    @field_validator("matchers")
-    @classmethod
-    def _parse_matchers(cls, values: list[str]) -> list[str]:
-        for text in values:
-            parse_matcher(text)
-        return values
 
     def parsed_matchers(self) -> list[Matcher]:
         return [parse_matcher(text) for text in self.matchers]
@@ -101,12 +113,36 @@ def parse_config(data: Any) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_format_error(err) for err in exc.errors()]) from exc
+        problems = [_format_error(err) for err in exc.errors()]
+        # Steps of the runbooks that are themselves well formed are still checked, so one
+        # run of `config check` reports every problem in the file.
+        problems += _check_steps(_valid_runbooks(data), _valid_actions(data))
+        raise ConfigError(problems) from exc
 
-    problems = _check_steps(config)
+    problems = _check_steps(list(enumerate(config.runbooks)), config.actions)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _valid_runbooks(data: dict[str, Any]) -> list[tuple[int, RunbookConfig]]:
+    raw = data.get("runbooks")
+    if not isinstance(raw, list):
+        return []
+    valid = []
+    for i, item in enumerate(raw):
+        try:
+            valid.append((i, RunbookConfig.model_validate(item)))
+        except ValidationError:
+            continue
+    return valid
+
+
+def _valid_actions(data: dict[str, Any]) -> ActionsConfig:
+    try:
+        return ActionsConfig.model_validate(data.get("actions") or {})
+    except ValidationError:
+        return ActionsConfig()
 
 
 def load_config(path: Path | None) -> Config:
@@ -130,12 +166,12 @@ def get_config() -> Config:
     return load_config(get_settings().config)
 
 
-def _check_steps(config: Config) -> list[str]:
+def _check_steps(runbooks: list[tuple[int, RunbookConfig]], actions: ActionsConfig) -> list[str]:
     from tasks.actions import ACTIONS
 
     problems: list[str] = []
     names = set()
-    for i, runbook in enumerate(config.runbooks):
+    for i, runbook in runbooks:
         if runbook.name in names:
             problems.append(f"runbooks[{i}].name: duplicate runbook name {runbook.name!r}")
         names.add(runbook.name)
@@ -153,7 +189,7 @@ def _check_steps(config: Config) -> list[str]:
                     f"(allowed: {allowed})"
                 )
             problems.extend(_check_references(step.params, f"{where}.params"))
-            problems.extend(action.check_params(step.params, config, f"{where}.params"))
+            problems.extend(action.check_params(step.params, actions, f"{where}.params"))
     return problems
 
 

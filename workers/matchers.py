@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -49,17 +48,28 @@ def parse_matcher(text: str) -> Matcher:
 
 
 def _unquote(raw: str, text: str) -> str:
-    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"bad quoted value in {text!r}") from exc
-        if not isinstance(value, str):
-            raise ValueError(f"bad quoted value in {text!r}")
-        return value
-    if '"' in raw:
-        raise ValueError(f"unbalanced quotes in {text!r}")
-    return raw
+    if not (len(raw) >= 2 and raw[0] == raw[-1] == '"'):
+        if '"' in raw:
+            raise ValueError(f"unbalanced quotes in {text!r}")
+        return raw
+    # Alertmanager's unescaping: \" and \\ and \n are read, any other escape is kept as
+    # written, so a regex such as "web\.example" reaches the regex engine intact.
+    value = []
+    inner = iter(raw[1:-1])
+    for char in inner:
+        if char == '"':
+            raise ValueError(f"bad quoted value in {text!r}: unescaped quote")
+        if char != "\\":
+            value.append(char)
+            continue
+        escaped = next(inner, None)
+        if escaped is None:
+            raise ValueError(f"bad quoted value in {text!r}: dangling backslash")
+        value.append(_ESCAPES.get(escaped, "\\" + escaped))
+    return "".join(value)
+
+
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n"}
 
 
 def matches_all(matchers: list[Matcher], labels: dict[str, str]) -> bool:
