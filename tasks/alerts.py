@@ -29,15 +29,17 @@ def select_runbook(config: Config, labels: dict[str, str]) -> RunbookConfig:
     for runbook in config.runbooks:
         if matches_all(runbook.parsed_matchers(), labels):
             return runbook
+    return escalate_only(config, "no runbook matches this alert")
+
+
+def escalate_only(config: Config, reason: str) -> RunbookConfig:
+    """The default runbook: hand the occurrence to a person."""
     return RunbookConfig(
         name=DEFAULT_RUNBOOK,
         matchers=['alertname=~".*"'],
         steps=[
             StepConfig(
-                name="escalate",
-                kind="escalate",
-                action="escalate",
-                params={"reason": "no runbook matches this alert"},
+                name="escalate", kind="escalate", action="escalate", params={"reason": reason}
             )
         ],
         on_failure=OnFailure(escalate=False, severity=config.default_severity),
@@ -57,13 +59,26 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
 
     _append_to_open_incident(conn, occurrence)
     runbook = select_runbook(config, occurrence["labels"])
-    params = [
-        resolve_references(step.params, occurrence["labels"], occurrence["annotations"])
-        for step in runbook.steps
-    ]
+    params, problems = _parameters(runbook, occurrence)
+    if problems:
+        reason = f"runbook {runbook.name} cannot run for this alert: {'; '.join(problems)}"
+        log.warning("occurrence escalated occurrence_id=%s reason=%s", occurrence_id, reason)
+        runbook = escalate_only(config, reason)
+        params, _ = _parameters(runbook, occurrence)
     first = runs.create_run(conn, occurrence_id, runbook, params, trigger="alert")
     log.info("occurrence routed occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
     return first
+
+
+def _parameters(runbook: RunbookConfig, occurrence: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    params, problems = [], []
+    for step in runbook.steps:
+        resolved, found = resolve_references(
+            step.params, occurrence["labels"], occurrence["annotations"]
+        )
+        params.append(resolved)
+        problems += [f"step {step.name}: {problem}" for problem in found]
+    return params, problems
 
 
 def _append_to_open_incident(conn: Connection, occurrence: Any) -> None:

@@ -78,7 +78,13 @@ def run_command(params: CommandParams, config: Config) -> CommandResult:
         )
     assert process.stdout is not None and process.stderr is not None
     output = _Output([process.stdout, process.stderr])
-    timed_out = output.collect(process, started + params.timeout_s)
+    try:
+        timed_out = output.collect(process, started + params.timeout_s)
+    except BaseException:
+        # The task's own time limit struck first: the command must not outlive its step.
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
     if timed_out:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

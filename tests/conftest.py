@@ -285,6 +285,17 @@ def alert(
     }
 
 
+def service_alert(fingerprint: str, port: str, status: str = "firing") -> dict[str, Any]:
+    """A ServiceDown alert carrying everything the service-down runbook refers to."""
+    found = alert("ServiceDown", status=status, fingerprint=fingerprint, port=port)
+    found["annotations"] |= {
+        "health_url": f"http://127.0.0.1:{port}/",
+        "restart_script": str(DATA / "restart_service.py"),
+        "pidfile": str(STATE_DIR / f"service-{port}.pid"),
+    }
+    return found
+
+
 def notification(*alerts: dict[str, Any], truncated: int = 0) -> dict[str, Any]:
     """A webhook notification in Alertmanager's version 4 format."""
     return {

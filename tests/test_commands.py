@@ -165,3 +165,26 @@ def test_shell_metacharacters_reach_the_child_verbatim(args: list[str]) -> None:
 
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == args
+
+
+class TimeLimit(Exception):
+    """Stands for Celery's soft time limit, raised by a signal in the waiting thread."""
+
+
+def test_a_task_time_limit_while_waiting_kills_the_command(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    code = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    def strike(signum: int, frame: object) -> None:
+        raise TimeLimit
+
+    previous = signal.signal(signal.SIGALRM, strike)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(TimeLimit):
+            run_command(python(code), CONFIG)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    assert gone(int(pidfile.read_text()))

@@ -315,7 +315,9 @@ def test_resolve_replaces_whole_argument_references() -> None:
         "literal": "labels.host",
     }
 
-    resolved = resolve_references(params, labels, annotations)
+    resolved, problems = resolve_references(params, labels, annotations)
+
+    assert problems == []
 
     assert resolved == {
         "url": "http://web1:8080/healthz",
@@ -326,19 +328,39 @@ def test_resolve_replaces_whole_argument_references() -> None:
     }
 
 
-def test_resolve_gives_the_empty_string_for_a_missing_label() -> None:
-    resolved = resolve_references(["{{ labels.absent }}", "{{ annotations.absent }}"], {}, {})
+def test_resolve_reports_a_missing_label_as_a_problem() -> None:
+    resolved, problems = resolve_references(
+        ["{{ labels.absent }}", "{{ annotations.absent }}"], {}, {}
+    )
 
     assert resolved == ["", ""]
+    assert problems == ["the alert has no labels.absent", "the alert has no annotations.absent"]
+
+
+def test_resolve_refuses_a_value_that_reads_as_an_option() -> None:
+    _, problems = resolve_references(["/bin/systemctl", "{{ labels.unit }}"], {"unit": "--all"}, {})
+
+    assert problems == ["labels.unit is '--all', which would be read as an option"]
 
 
 def test_resolve_never_splices_into_a_longer_string() -> None:
     spliced = "http://{{ labels.host }}/"
 
-    assert resolve_references(spliced, {"host": "evil; rm -rf /"}, {}) == spliced
+    assert resolve_references(spliced, {"host": "evil; rm -rf /"}, {}) == (spliced, [])
 
 
 def test_resolve_does_not_mistake_label_values_for_annotations() -> None:
-    resolved = resolve_references("{{ annotations.host }}", {"host": "web1"}, {})
+    resolved, problems = resolve_references("{{ annotations.host }}", {"host": "web1"}, {})
 
     assert resolved == ""
+    assert problems == ["the alert has no annotations.host"]
+
+
+def test_a_command_timeout_longer_than_its_step() -> None:
+    data = valid_data()
+    data["runbooks"][0]["steps"][1]["params"]["timeout_s"] = 600
+
+    assert problems_of(data) == [
+        "runbooks[0].steps[1].params.timeout_s: 600 is longer than the step's timeout_s "
+        "(120.0); the step would be stopped first"
+    ]

@@ -9,7 +9,7 @@ import redis
 
 from tasks.alerts import route_one
 from tasks.sweeper import sweep_lost_work
-from tests.conftest import alert, notification, queued_tasks
+from tests.conftest import alert, notification, queued_tasks, service_alert
 from workers import runs
 from workers.config import get_config
 from workers.db import transaction
@@ -49,7 +49,7 @@ def steps(db: Conn) -> list[tuple[str, str]]:
 
 
 def test_labels_reach_parameters_only_as_whole_arguments(db: Conn) -> None:
-    routed_run(alert("ServiceDown", fingerprint="p1", port="8080"))
+    routed_run(service_alert("p1", "8080"))
 
     row = db.execute("SELECT params FROM steps WHERE name = 'restart'").fetchone()
     assert row is not None
@@ -57,7 +57,7 @@ def test_labels_reach_parameters_only_as_whole_arguments(db: Conn) -> None:
 
 
 def test_a_step_is_claimed_once(db: Conn) -> None:
-    first = routed_run(alert("ServiceDown", fingerprint="c1", port="1"))
+    first = routed_run(service_alert("c1", "1"))
 
     claim(first)
     with transaction() as conn:
@@ -68,7 +68,7 @@ def test_a_step_is_claimed_once(db: Conn) -> None:
 
 
 def test_success_dispatches_the_next_step_and_failure_plans_escalation(db: Conn) -> None:
-    first = routed_run(alert("ServiceDown", fingerprint="s1", port="1"))
+    first = routed_run(service_alert("s1", "1"))
 
     [second] = finish(claim(first), Outcome(ok=True, result={"status": "critical"}))
     [escalation] = finish(claim(second), Outcome(ok=False, result={}, error="exit 3"))
@@ -85,7 +85,7 @@ def test_success_dispatches_the_next_step_and_failure_plans_escalation(db: Conn)
 
 
 def test_last_success_recovers_the_run(db: Conn) -> None:
-    step = routed_run(alert("ServiceDown", fingerprint="r1", port="1"))
+    step = routed_run(service_alert("r1", "1"))
 
     for _ in range(3):
         following = finish(claim(step), Outcome(ok=True, result={}))
@@ -96,7 +96,7 @@ def test_last_success_recovers_the_run(db: Conn) -> None:
 
 
 def test_a_cancelled_run_claims_nothing(db: Conn) -> None:
-    first = routed_run(alert("ServiceDown", fingerprint="x1", port="1"))
+    first = routed_run(service_alert("x1", "1"))
     db.execute("UPDATE runs SET status = 'cancelled'")
 
     with transaction() as conn:
@@ -107,7 +107,7 @@ def test_a_cancelled_run_claims_nothing(db: Conn) -> None:
 
 
 def test_a_result_after_the_lease_was_lost_is_discarded(db: Conn) -> None:
-    first = routed_run(alert("ServiceDown", fingerprint="d1", port="1"))
+    first = routed_run(service_alert("d1", "1"))
     stale = claim(first)
     db.execute("UPDATE steps SET status = 'pending' WHERE id = %s", (first.id,))
     claim(first)
@@ -121,7 +121,7 @@ def test_a_result_after_the_lease_was_lost_is_discarded(db: Conn) -> None:
 
 
 def test_idempotent_step_whose_lease_expired_is_run_again(db: Conn, broker: redis.Redis) -> None:
-    first = routed_run(alert("ServiceDown", fingerprint="l1", port="1"))
+    first = routed_run(service_alert("l1", "1"))
     claim(first)
     db.execute(
         "UPDATE steps SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (first.id,)
@@ -150,3 +150,15 @@ def test_sweeper_sends_unrouted_occurrences_after_the_grace(db: Conn, broker: re
     assert counts["occurrences"] == 1
     assert queued_tasks(broker, "alerts") == [("caretaker.alerts.route_occurrences", [[1]])]
     assert db.execute("SELECT at FROM heartbeats WHERE name = 'sweeper'").fetchone() is not None
+
+
+def test_an_alert_lacking_a_label_the_runbook_needs_is_escalated_not_run(db: Conn) -> None:
+    first = routed_run(alert("ServiceDown", fingerprint="m1"))
+
+    assert first.kind == "escalate"
+    run = db.execute("SELECT runbook FROM runs").fetchone()
+    step = db.execute("SELECT params FROM steps").fetchone()
+    assert run == {"runbook": "default-escalate"}
+    assert step is not None
+    assert step["params"]["reason"].startswith("runbook service-down cannot run for this alert: ")
+    assert "step restart: the alert has no labels.port" in step["params"]["reason"]

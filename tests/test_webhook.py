@@ -11,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from tasks.alerts import route_one
-from tests.conftest import alert, notification, queued_tasks
+from tests.conftest import alert, notification, queued_tasks, service_alert
 from workers import incidents
 from workers.config import get_config
 from workers.db import transaction
@@ -134,7 +134,7 @@ def test_zero_ends_at_means_no_end(client: TestClient, db: Conn) -> None:
 def test_resolved_alert_closes_occurrence_cancels_run_and_resolves_incident(
     client: TestClient, db: Conn, broker: redis.Redis
 ) -> None:
-    post(client, notification(alert("ServiceDown", fingerprint="a1", port="1")))
+    post(client, notification(service_alert("a1", "1")))
     [row] = occurrences(db)
     with transaction() as conn:
         first = route_one(conn, row["id"], get_config())
@@ -152,9 +152,7 @@ def test_resolved_alert_closes_occurrence_cancels_run_and_resolves_incident(
         )
     broker.flushdb()
 
-    answer = post(
-        client, notification(alert("ServiceDown", status="resolved", fingerprint="a1", port="1"))
-    )
+    answer = post(client, notification(service_alert("a1", "1", status="resolved")))
 
     assert answer.json()["resolved"] == 1
     [row] = occurrences(db)

@@ -18,20 +18,21 @@ import click
 from workers import views
 from workers.config import load_config
 from workers.db import migrate as apply_migrations
-from workers.db import redact, transaction
+from workers.db import redact
+from workers.dispatch import ping_broker, redact_url
 from workers.errors import CaretakerError, ConfigError, DatabaseUnavailable
 from workers.settings import get_settings
 
 log = logging.getLogger("caretaker")
 
 POSTGRES_HELP = (
-    "PostgreSQL is not reachable at {url}.\n"
+    "PostgreSQL is not reachable at {url} ({error}).\n"
     "  Start a local one:   sudo pg_ctlcluster $(ls /etc/postgresql) main start\n"
     "  or with Docker:      docker compose up -d postgres\n"
     "  or point caretaker at yours: export CARETAKER_DATABASE_URL=postgresql://user@host/db"
 )
 REDIS_HELP = (
-    "Redis is not reachable at {url}.\n"
+    "Redis is not reachable at {url} ({error}).\n"
     "  Start a local one:   redis-server --daemonize yes --port 6379\n"
     "  or with Docker:      docker compose up -d redis\n"
     "  or point caretaker at yours: export CARETAKER_BROKER_URL=redis://host:6379/0"
@@ -67,8 +68,7 @@ def cli() -> None:
 @click.option("--port", type=int, default=None, help="Listen port (CARETAKER_PORT).")
 def run(host: str | None, port: int | None) -> None:
     """Webhook, a worker on all queues and beat together: the main job on one host."""
-    _preflight()
-    apply_migrations(get_settings().database_url)
+    _prepare()
     me = [sys.executable, "-m", "workers.cli"]
     listen = ["--host", host or get_settings().host, "--port", str(port or get_settings().port)]
     children = [
@@ -95,19 +95,17 @@ def _supervise(children: list[subprocess.Popen[bytes]]) -> None:
     sys.exit(max(abs(code) for code in codes))
 
 
-def _preflight() -> None:
+def _prepare() -> None:
+    """Migrate (creating the database if needed) and check the broker, or say how to fix it."""
     settings = get_settings()
     problems = []
     try:
-        with transaction() as conn:
-            conn.execute("SELECT 1")
+        apply_migrations(settings.database_url)
     except DatabaseUnavailable as exc:
-        if "does not exist" not in str(exc):
-            problems.append(POSTGRES_HELP.format(url=redact(settings.database_url)))
-    from workers.webhook import _broker_ok
-
-    if _broker_ok() != "ok":
-        problems.append(REDIS_HELP.format(url=settings.broker_url.split("@")[-1]))
+        problems.append(POSTGRES_HELP.format(url=redact(settings.database_url), error=exc))
+    broker = ping_broker()
+    if broker != "ok":
+        problems.append(REDIS_HELP.format(url=redact_url(settings.broker_url), error=broker))
     if problems:
         raise click.ClickException("\n".join(problems))
 

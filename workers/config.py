@@ -189,6 +189,12 @@ def _check_steps(runbooks: list[tuple[int, RunbookConfig]], actions: ActionsConf
                     f"(allowed: {allowed})"
                 )
             problems.extend(_check_references(step.params, f"{where}.params"))
+            command_timeout_s = step.params.get("timeout_s")
+            if isinstance(command_timeout_s, int | float) and command_timeout_s > step.timeout_s:
+                problems.append(
+                    f"{where}.params.timeout_s: {command_timeout_s} is longer than the step's "
+                    f"timeout_s ({step.timeout_s}); the step would be stopped first"
+                )
             problems.extend(action.check_params(step.params, actions, f"{where}.params"))
     return problems
 
@@ -208,19 +214,35 @@ def _check_references(value: Any, where: str) -> list[str]:
     return []
 
 
-def resolve_references(value: Any, labels: dict[str, str], annotations: dict[str, str]) -> Any:
-    """Replace whole-argument label and annotation references with the alert's values."""
-    if isinstance(value, str):
-        found = _REFERENCE.match(value)
+def resolve_references(
+    value: Any, labels: dict[str, str], annotations: dict[str, str]
+) -> tuple[Any, list[str]]:
+    """Replace whole-argument references with the alert's values; also return the problems.
+
+    A reference to a label the alert lacks, or to a value that starts with "-" (a command
+    would read it as an option), is a problem: the runbook must not run with it.
+    """
+    problems: list[str] = []
+
+    def resolve(item: Any) -> Any:
+        if isinstance(item, list):
+            return [resolve(part) for part in item]
+        if isinstance(item, dict):
+            return {key: resolve(part) for key, part in item.items()}
+        found = _REFERENCE.match(item) if isinstance(item, str) else None
         if found is None:
-            return value
+            return item
         source = labels if found.group(1) == "labels" else annotations
-        return source.get(found.group(2), "")
-    if isinstance(value, list):
-        return [resolve_references(item, labels, annotations) for item in value]
-    if isinstance(value, dict):
-        return {k: resolve_references(v, labels, annotations) for k, v in value.items()}
-    return value
+        name = f"{found.group(1)}.{found.group(2)}"
+        resolved = source.get(found.group(2))
+        if resolved is None:
+            problems.append(f"the alert has no {name}")
+            return ""
+        if resolved.startswith("-"):
+            problems.append(f"{name} is {resolved!r}, which would be read as an option")
+        return resolved
+
+    return resolve(value), problems
 
 
 def _format_error(err: Any) -> str:

@@ -63,3 +63,24 @@ def try_send(what: str, func: Any, *args: Any) -> bool:
         log.warning("dispatch deferred to the sweeper what=%s error=%s", what, exc)
         return False
     return True
+
+
+def ping_broker() -> str:
+    """ "ok" when the broker answers within seconds, else what went wrong."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+    # Any failure at all means the broker is unreachable; it is reported, not raised.
+    except Exception as exc:
+        return f"broker unreachable: {exc}"
+    return "ok"
+
+
+def redact_url(url: str) -> str:
+    """A broker URL without its password, fit for logs and messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{location}" if user else f"{scheme}{sep}***@{location}"

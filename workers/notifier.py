@@ -20,7 +20,10 @@ def deliver(config: Config, channel_name: str, payload: dict[str, Any], timeout_
         raise NotifyError(f"no notification channel named {channel_name!r} in the configuration")
     headers = {"User-Agent": "caretaker"}
     if channel.token is not None:
-        headers["Authorization"] = f"Bearer {channel.token.reveal()}"
+        try:
+            headers["Authorization"] = f"Bearer {channel.token.reveal()}"
+        except KeyError as exc:
+            raise NotifyError(f"channel {channel_name!r}: {exc.args[0]}") from exc
     try:
         response = httpx.post(channel.url, json=payload, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:

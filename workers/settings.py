@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     beat_schedule_file: Path = Path("celerybeat-schedule")
 
     log_level: str = "INFO"
+
+    @field_validator("webhook_token", "webhook_password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty variable must not become a credential that an empty header matches.
+        return None if value == "" else value
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,4 @@
-"""Read models of incidents and runs, shared by the CLI and the HTTP API."""
+"""Read models of incidents and runs, as plain data for the CLI and any other front end."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from workers import dispatch, metrics
-from workers.app import app as celery_app
 from workers.config import get_config
 from workers.db import transaction
 from workers.errors import DatabaseUnavailable, PayloadError
@@ -71,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Process up, with database and broker reachability."""
         checks = {
             "database": await run_in_threadpool(_database_ok),
-            "broker": await run_in_threadpool(_broker_ok),
+            "broker": await run_in_threadpool(dispatch.ping_broker),
         }
         healthy = all(value == "ok" for value in checks.values())
         return JSONResponse(
@@ -189,14 +188,4 @@ def _database_ok() -> str:
             conn.execute("SELECT 1")
     except DatabaseUnavailable as exc:
         return str(exc)
-    return "ok"
-
-
-def _broker_ok() -> str:
-    try:
-        with celery_app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
-    # Any failure at all means the broker is unreachable; it is reported, not raised.
-    except Exception as exc:
-        return f"broker unreachable: {exc}"
     return "ok"
