@@ -187,6 +187,15 @@ def db(database: str, broker: redis.Redis) -> Iterator[psycopg.Connection[dict[s
         yield conn
 
 
+def celery_worker(queues: str, concurrency: int) -> list[str]:
+    """The argv of a real Celery worker on these queues, with a unique node name."""
+    return [
+        *[sys.executable, "-m", "celery", "-A", "workers.app", "worker"],
+        *["-Q", queues, "-c", str(concurrency), "--loglevel", "INFO"],
+        *["-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+    ]
+
+
 # Module scope: tests that inspect queued messages must not share the broker with a worker.
 @pytest.fixture(scope="module")
 def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[bytes]]:
@@ -194,22 +203,7 @@ def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[byte
     log_path = STATE_DIR / "worker.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.app",
-                "worker",
-                "-Q",
-                "alerts,checks,analysis,remediation,maintenance,incidents",
-                "-c",
-                "3",
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"test-{uuid.uuid4().hex[:6]}@%h",
-            ],
+            celery_worker("alerts,checks,analysis,remediation,maintenance,incidents", 3),
             cwd=ROOT,
             env={**os.environ, **TEST_ENV},
             stdout=log_file,

@@ -39,6 +39,20 @@ def routed_ids(broker: redis.Redis) -> list[int]:
     return [i for name, args in queued_tasks(broker, "alerts") if name == ROUTE for i in args[0]]
 
 
+def open_incident(conn: Any, fingerprint: str) -> incidents.Escalation:
+    return incidents.escalate(
+        conn,
+        source="alertmanager",
+        dedup_key=fingerprint,
+        severity="critical",
+        title="t",
+        labels={},
+        reason="test",
+        truncated_alerts=0,
+        config=get_config(),
+    )
+
+
 def test_firing_alert_is_recorded_and_routing_dispatched(
     client: TestClient, db: Conn, broker: redis.Redis
 ) -> None:
@@ -139,17 +153,7 @@ def test_resolved_alert_closes_occurrence_cancels_run_and_resolves_incident(
     with transaction() as conn:
         first = route_one(conn, row["id"], get_config())
         assert first is not None
-        incident = incidents.escalate(
-            conn,
-            source="alertmanager",
-            dedup_key="a1",
-            severity="critical",
-            title="t",
-            labels={},
-            reason="test",
-            truncated_alerts=0,
-            config=get_config(),
-        )
+        incident = open_incident(conn, "a1")
     broker.flushdb()
 
     answer = post(client, notification(service_alert("a1", "1", status="resolved")))
@@ -188,17 +192,7 @@ def test_truncated_alerts_are_recorded_and_shown_on_the_incident(
 ) -> None:
     post(client, notification(alert(fingerprint="a1")))
     with transaction() as conn:
-        incident = incidents.escalate(
-            conn,
-            source="alertmanager",
-            dedup_key="a1",
-            severity="critical",
-            title="t",
-            labels={},
-            reason="test",
-            truncated_alerts=0,
-            config=get_config(),
-        )
+        incident = open_incident(conn, "a1")
 
     post(client, notification(alert(fingerprint="a1"), truncated=250))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from typing import Any
 
 import psutil
@@ -12,7 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.conftest import Processes, alert, notification, wait_for
+from tests.conftest import Processes, alert, celery_worker, notification, wait_for
 from workers.settings import Settings
 from workers.webhook import create_app
 
@@ -27,20 +26,7 @@ def test_killed_worker_leaves_outcome_unknown_and_escalates(
     db: Conn, broker: redis.Redis, processes: Processes, request: pytest.FixtureRequest
 ) -> None:
     victim = processes.start(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "-Q",
-            "alerts,remediation",
-            "-c",
-            "1",
-            "-n",
-            "victim@%h",
-        ],
+        celery_worker("alerts,remediation", 1),
         name="victim",
     )
     client = TestClient(create_app(Settings()))
