@@ -1,0 +1,69 @@
+"""The Celery app's wiring: queues, routes, serialisation, limits, the calendar."""
+
+from __future__ import annotations
+
+from beat_schedule import build_schedule
+from workers.app import QUEUES, app
+from workers.settings import Settings
+
+
+def test_json_only_never_pickle() -> None:
+    assert app.conf.task_serializer == "json"
+    assert app.conf.result_serializer == "json"
+    assert list(app.conf.accept_content) == ["json"]
+
+
+def test_every_queue_is_declared_and_prefetch_is_one() -> None:
+    assert [queue.name for queue in app.conf.task_queues] == list(QUEUES)
+    assert app.conf.worker_prefetch_multiplier == 1
+
+
+def test_task_names_are_stable_and_routed_to_their_queue() -> None:
+    app.loader.import_default_modules()
+    names = sorted(name for name in app.tasks if name.startswith("caretaker."))
+    router = app.amqp.router
+
+    queues = {name: router.route({}, name)["queue"].name for name in names}
+
+    assert queues == {
+        "caretaker.alerts.route_occurrences": "alerts",
+        "caretaker.checks.check_http": "checks",
+        "caretaker.checks.check_system": "checks",
+        "caretaker.commands.run_command": "remediation",
+        "caretaker.incidents.send_notification": "incidents",
+        "caretaker.runs.execute_step": "alerts",
+        "caretaker.sweeper.sweep_lost_work": "alerts",
+    }
+
+
+def test_idempotent_tasks_are_acknowledged_late_and_commands_are_not() -> None:
+    app.loader.import_default_modules()
+    late = {
+        name
+        for name, task in app.tasks.items()
+        if name.startswith("caretaker.") and task.acks_late and task.reject_on_worker_lost
+    }
+
+    assert "caretaker.commands.run_command" not in late
+    assert {
+        "caretaker.runs.execute_step",
+        "caretaker.alerts.route_occurrences",
+        "caretaker.sweeper.sweep_lost_work",
+    } <= late
+
+
+def test_every_task_has_soft_and_hard_time_limits() -> None:
+    assert 0 < app.conf.task_soft_time_limit < app.conf.task_time_limit
+
+
+def test_broker_redelivers_within_minutes() -> None:
+    assert app.conf.broker_transport_options["visibility_timeout"] == 300
+
+
+def test_the_calendar_holds_the_sweeper_and_the_system_check() -> None:
+    schedule = build_schedule(Settings(sweep_interval_s=15, system_check_interval_s=120))
+
+    assert schedule["sweep-lost-work"]["task"] == "caretaker.sweeper.sweep_lost_work"
+    assert schedule["sweep-lost-work"]["schedule"] == 15
+    assert schedule["check-system"]["task"] == "caretaker.checks.check_system"
+    assert schedule["check-system"]["schedule"] == 120
