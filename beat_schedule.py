@@ -6,6 +6,9 @@ from typing import Any
 
 from workers.settings import Settings
 
+# Seconds between the ticks by which caretaker sees that beat is alive.
+BEAT_TICK_S = 30.0
+
 
 def build_schedule(settings: Settings) -> dict[str, Any]:
     """Celery beat entries, keyed by a stable name."""
@@ -15,9 +18,14 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": settings.sweep_interval_s,
             "options": {"expires": settings.sweep_interval_s},
         },
-        "check-system": {
-            "task": "caretaker.checks.check_system",
-            "schedule": settings.system_check_interval_s,
-            "options": {"expires": settings.system_check_interval_s},
+        "health-round": {
+            "task": "caretaker.health.run_round",
+            "schedule": settings.health_interval_s,
+            "options": {"expires": settings.health_interval_s},
+        },
+        "beat-tick": {
+            "task": "caretaker.health.record_beat_tick",
+            "schedule": BEAT_TICK_S,
+            "options": {"expires": BEAT_TICK_S},
         },
     }

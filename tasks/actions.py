@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,8 @@ from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, chec
 from tasks.commands import CommandParams
 from tasks.incidents import EscalateParams
 from workers.config import ActionsConfig
+
+log = logging.getLogger(__name__)
 
 CHECK_KINDS = ("check", "verify")
 
@@ -40,6 +44,23 @@ class Action:
         if isinstance(model, CommandParams) and model.argv[0] not in actions.allowlist:
             return [f"{where}.argv[0]: executable {model.argv[0]!r} is not in actions.allowlist"]
         return []
+
+
+def run_check(name: str, params: dict[str, Any]) -> CheckResult:
+    """Run a check action; a bad parameter or a crash is an `unknown` result, never raised."""
+    action = ACTIONS[name]
+    assert action.check is not None
+    started = time.monotonic()
+    try:
+        return action.check(action.params.model_validate(params))
+    except ValidationError as exc:
+        summary = f"bad parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+    except Exception as exc:
+        log.exception("check crashed name=%s", name)
+        summary = f"check crashed: {type(exc).__name__}: {exc}"
+    return CheckResult(
+        status="unknown", summary=summary, duration_s=round(time.monotonic() - started, 4)
+    )
 
 
 def _is_reference(value: Any) -> bool:

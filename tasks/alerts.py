@@ -16,6 +16,7 @@ from workers.config import (
     resolve_references,
 )
 from workers.db import Connection, transaction
+from workers.health import SOURCE_CHECK
 from workers.matchers import matches_all
 from workers.runs import StepRef
 
@@ -26,10 +27,25 @@ DEFAULT_RUNBOOK = "default-escalate"
 
 def select_runbook(config: Config, labels: dict[str, str]) -> RunbookConfig:
     """The first runbook whose matchers all accept the labels, else the escalating default."""
-    for runbook in config.runbooks:
-        if matches_all(runbook.parsed_matchers(), labels):
-            return runbook
-    return escalate_only(config, "no runbook matches this alert")
+    return matching_runbook(config, labels) or escalate_only(
+        config, "no runbook matches this alert"
+    )
+
+
+def matching_runbook(config: Config, labels: dict[str, str]) -> RunbookConfig | None:
+    """The first runbook whose matchers all accept the labels."""
+    return next((rb for rb in config.runbooks if matches_all(rb.parsed_matchers(), labels)), None)
+
+
+def plan(config: Config, occurrence: Any) -> RunbookConfig | None:
+    """The runbook an occurrence gets; None for a warning nothing recovers, which is recorded."""
+    labels = occurrence["labels"]
+    if occurrence["source"] != SOURCE_CHECK:
+        return select_runbook(config, labels)
+    if labels.get("severity") == "critical":
+        summary = occurrence["annotations"].get("summary", labels.get("component", ""))
+        return escalate_only(config, f"health check critical: {summary}")
+    return matching_runbook(config, labels)
 
 
 def escalate_only(config: Config, reason: str) -> RunbookConfig:
@@ -58,7 +74,16 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
         return None
 
     _append_to_open_incident(conn, occurrence)
-    runbook = select_runbook(config, occurrence["labels"])
+    runbook = plan(config, occurrence)
+    if runbook is None:
+        runs.event(
+            conn,
+            "not_routed",
+            "caretaker",
+            "no runbook recovers this warning; recorded",
+            occurrence_id=occurrence_id,
+        )
+        return None
     params, problems = _parameters(runbook, occurrence)
     if problems:
         reason = f"runbook {runbook.name} cannot run for this alert: {'; '.join(problems)}"

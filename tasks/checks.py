@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -11,10 +10,6 @@ from typing import Any, Literal
 import httpx
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
-
-from workers.app import app
-
-log = logging.getLogger(__name__)
 
 Status = Literal["healthy", "warning", "critical", "unknown"]
 _RANK: dict[str, int] = {"healthy": 0, "unknown": 1, "warning": 2, "critical": 3}
@@ -194,17 +189,3 @@ def _timed(
     return CheckResult(
         status=status, value=value, summary=summary, details=details, duration_s=duration_s
     )
-
-
-@app.task(name="caretaker.checks.check_http", acks_late=True, reject_on_worker_lost=True)
-def check_http_task(**params: Any) -> dict[str, Any]:
-    """Check an HTTP endpoint. Idempotent, read-only, not retried: the result is the answer."""
-    return check_http(HttpParams.model_validate(params)).model_dump()
-
-
-@app.task(name="caretaker.checks.check_system", acks_late=True, reject_on_worker_lost=True)
-def check_system_task(**params: Any) -> dict[str, Any]:
-    """Check this host's CPU, memory and disks. Idempotent, read-only, not retried."""
-    result = check_system(SystemParams.model_validate(params))
-    log.info("system check status=%s %s", result.status, result.summary)
-    return result.model_dump()

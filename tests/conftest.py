@@ -42,6 +42,7 @@ def free_port() -> int:
 
 
 NOTIFY_PORT = free_port()
+HEALTH_PORT = free_port()
 
 TEST_ENV = {
     "CARETAKER_DATABASE_URL": DATABASE_URL,
@@ -60,7 +61,44 @@ def write_config() -> None:
     config = {
         "actions": {"allowlist": [python, "/bin/false"]},
         "notify": {"webhooks": [{"name": "sink", "url": f"http://127.0.0.1:{NOTIFY_PORT}/"}]},
+        "checks": {
+            "application": [
+                {
+                    "name": "web",
+                    "check": "http",
+                    "params": {
+                        "url": f"http://127.0.0.1:{HEALTH_PORT}/",
+                        "max_latency_ms": 300,
+                        "timeout_s": 3,
+                    },
+                }
+            ]
+        },
         "runbooks": [
+            {
+                "name": "web-slow",
+                "matchers": ['check="http"', 'component="web"'],
+                "steps": [
+                    {
+                        "name": "flush-cache",
+                        "kind": "recover",
+                        "action": "run_command",
+                        "params": {"argv": [python, "-c", "pass"]},
+                    },
+                    {
+                        "name": "confirm",
+                        "kind": "verify",
+                        "action": "check_http",
+                        "params": {
+                            "url": f"http://127.0.0.1:{HEALTH_PORT}/",
+                            "max_latency_ms": 300,
+                            "timeout_s": 3,
+                        },
+                        "attempts": 2,
+                        "delay_s": 0.2,
+                    },
+                ],
+            },
             {
                 "name": "service-down",
                 "matchers": ['alertname=~"ServiceDown|ServiceDownBroken"'],
@@ -173,7 +211,9 @@ def broker() -> redis.Redis:
     return client
 
 
-TABLES = "events, notifications, steps, runs, occurrences, incidents, heartbeats"
+TABLES = (
+    "events, notifications, steps, runs, occurrences, incidents, heartbeats, check_results, reports"
+)
 
 
 @pytest.fixture

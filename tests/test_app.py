@@ -27,8 +27,11 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
 
     assert queues == {
         "caretaker.alerts.route_occurrences": "alerts",
-        "caretaker.checks.check_http": "checks",
-        "caretaker.checks.check_system": "checks",
+        "caretaker.health.check_http": "checks",
+        "caretaker.health.check_system": "checks",
+        "caretaker.health.check_target": "checks",
+        "caretaker.health.record_beat_tick": "checks",
+        "caretaker.health.run_round": "checks",
         "caretaker.commands.run_command": "remediation",
         "caretaker.incidents.send_notification": "incidents",
         "caretaker.runs.execute_step": "alerts",
@@ -60,10 +63,11 @@ def test_broker_redelivers_within_minutes() -> None:
     assert app.conf.broker_transport_options["visibility_timeout"] == 300
 
 
-def test_the_calendar_holds_the_sweeper_and_the_system_check() -> None:
-    schedule = build_schedule(Settings(sweep_interval_s=15, system_check_interval_s=120))
+def test_the_calendar_holds_the_sweeper_the_health_round_and_beat_ticks() -> None:
+    schedule = build_schedule(Settings(sweep_interval_s=15, health_interval_s=120))
 
     assert schedule["sweep-lost-work"]["task"] == "caretaker.sweeper.sweep_lost_work"
     assert schedule["sweep-lost-work"]["schedule"] == 15
-    assert schedule["check-system"]["task"] == "caretaker.checks.check_system"
-    assert schedule["check-system"]["schedule"] == 120
+    assert schedule["health-round"]["task"] == "caretaker.health.run_round"
+    assert schedule["health-round"]["schedule"] == 120
+    assert schedule["beat-tick"]["task"] == "caretaker.health.record_beat_tick"

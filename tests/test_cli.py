@@ -115,7 +115,7 @@ def test_dispatch_waits_for_the_result_of_a_real_worker(
 ) -> None:
     result = invoke(
         "dispatch",
-        "caretaker.checks.check_system",
+        "caretaker.health.check_system",
         "--arg",
         'disk_paths=["/"]',
         "--arg",
@@ -136,7 +136,7 @@ def test_dispatch_of_an_unknown_task_lists_the_known_ones(db: Conn) -> None:
 
     assert result.exit_code != 0
     assert "unknown task 'caretaker.nope'" in result.output
-    assert "caretaker.checks.check_http" in result.output
+    assert "caretaker.health.check_http" in result.output
 
 
 def test_celery_inspect_sees_the_worker(worker: subprocess.Popen[bytes]) -> None:

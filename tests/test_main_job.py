@@ -41,7 +41,9 @@ def test_run_takes_an_alert_to_an_incident_and_stops_cleanly(
 
     assert answer.status_code == 200
     incident = wait_for(
-        lambda: db.execute("SELECT * FROM incidents").fetchone(), timeout_s=60, what="an incident"
+        lambda: db.execute("SELECT * FROM incidents WHERE source = 'alertmanager'").fetchone(),
+        timeout_s=60,
+        what="an incident",
     )
     assert incident["title"] == "Unmatched is happening"
     # Beat runs too: the sweeper records its passes.

@@ -23,10 +23,10 @@ STEP_QUEUES = {
 TASK_MODULES = [
     "tasks.alerts",
     "tasks.runs",
-    "tasks.checks",
     "tasks.commands",
     "tasks.incidents",
     "tasks.sweeper",
+    "tasks.health",
 ]
 
 
@@ -65,7 +65,7 @@ def _routes() -> dict[str, Any]:
     return {
         "caretaker.alerts.*": {"queue": "alerts"},
         "caretaker.sweeper.*": {"queue": "alerts"},
-        "caretaker.checks.*": {"queue": "checks"},
+        "caretaker.health.*": {"queue": "checks"},
         "caretaker.analysis.*": {"queue": "analysis"},
         "caretaker.commands.*": {"queue": "remediation"},
         "caretaker.remediation.*": {"queue": "remediation"},

@@ -218,7 +218,7 @@ def config_check(file: Path | None) -> None:
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, help="Seconds to wait.")
 def dispatch(task: str, args: tuple[str, ...], wait: bool, timeout_s: float) -> None:
-    """Send TASK (a name like caretaker.checks.check_system) to its queue."""
+    """Send TASK (a name like caretaker.health.check_system) to its queue."""
     from workers.app import app
 
     app.loader.import_default_modules()

@@ -97,8 +97,43 @@ class RunbookConfig(Strict):
         return [parse_matcher(text) for text in self.matchers]
 
 
+class CheckTarget(Strict):
+    """One thing caretaker checks on every health round."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    check: str
+    params: dict[str, Any] = {}
+
+    @property
+    def action(self) -> str:
+        return f"check_{self.check}"
+
+
+class ChecksConfig(Strict):
+    """Health-check targets, grouped as the system is."""
+
+    application: list[CheckTarget] = []
+    database: list[CheckTarget] = []
+    cache: list[CheckTarget] = []
+    network: list[CheckTarget] = []
+    # Without a configuration, the host a worker runs on is still checked.
+    host: list[CheckTarget] = [CheckTarget(name="system", check="system")]
+    caretaker: list[CheckTarget] = []
+
+    def targets(self) -> list[tuple[str, CheckTarget]]:
+        """Every target with its group, in file order."""
+        return [(group, target) for group in CHECK_GROUPS for target in getattr(self, group)]
+
+    def find(self, name: str) -> tuple[str, CheckTarget] | None:
+        return next(((g, t) for g, t in self.targets() if t.name == name), None)
+
+
+CHECK_GROUPS = ("application", "database", "cache", "network", "host", "caretaker")
+
+
 class Config(Strict):
     runbooks: list[RunbookConfig] = []
+    checks: ChecksConfig = ChecksConfig()
     actions: ActionsConfig = ActionsConfig()
     notify: NotifyConfig = NotifyConfig()
     default_severity: Severity = "critical"
@@ -120,6 +155,7 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(problems) from exc
 
     problems = _check_steps(list(enumerate(config.runbooks)), config.actions)
+    problems += _check_targets(config.checks, config.actions)
     if problems:
         raise ConfigError(problems)
     return config
@@ -196,6 +232,32 @@ def _check_steps(runbooks: list[tuple[int, RunbookConfig]], actions: ActionsConf
                     f"timeout_s ({step.timeout_s}); the step would be stopped first"
                 )
             problems.extend(action.check_params(step.params, actions, f"{where}.params"))
+    return problems
+
+
+def _check_targets(checks: ChecksConfig, actions: ActionsConfig) -> list[str]:
+    from tasks.actions import ACTIONS
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    positions: dict[str, int] = {}
+    for group, target in checks.targets():
+        index = positions[group] = positions.get(group, -1) + 1
+        where = f"checks.{group}[{index}]"
+        if target.name in seen:
+            problems.append(f"{where}.name: duplicate target name {target.name!r}")
+        seen.add(target.name)
+        action = ACTIONS.get(target.action)
+        if action is None or action.check is None:
+            known = ", ".join(
+                sorted(a.removeprefix("check_") for a, v in ACTIONS.items() if v.check is not None)
+            )
+            problems.append(f"{where}.check: unknown check {target.check!r} (known: {known})")
+            continue
+        if "{{" in repr(target.params):
+            problems.append(f"{where}.params: a health check has no alert to take labels from")
+            continue
+        problems.extend(action.check_params(target.params, actions, f"{where}.params"))
     return problems
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from workers.config import Config
-from workers.db import Connection
+from workers.db import Connection, Row
 from workers.incidents import queue_notifications
 from workers.payloads import Alert, Notification
 
@@ -126,26 +126,46 @@ def _record_resolved(
     if not closed:
         return
 
+    closing = close_occurrences(conn, SOURCE_ALERTMANAGER, closed, "alert resolved", config)
+    recorded.cancelled_runs = closing.cancelled_runs
+    recorded.resolved_incidents = closing.resolved_incidents
+    recorded.notification_ids += closing.notification_ids
+
+
+@dataclass
+class Closed:
+    cancelled_runs: int = 0
+    resolved_incidents: int = 0
+    notification_ids: list[int] = field(default_factory=list)
+
+
+def close_occurrences(
+    conn: Connection, source: str, closed: list[Row], reason: str, config: Config
+) -> Closed:
+    """After occurrences stopped firing: cancel their runs, resolve their incidents, notify.
+
+    `closed` holds the (id, fingerprint) rows just set to resolved, in the caller's transaction.
+    """
     ids = [row["id"] for row in closed]
     conn.execute(
         """
         INSERT INTO events (kind, actor, occurrence_id, message)
-        SELECT 'occurrence_resolved', 'alertmanager', id, 'alert resolved'
-          FROM unnest(%s::bigint[]) AS id
+        SELECT 'occurrence_resolved', %s, id, %s FROM unnest(%s::bigint[]) AS id
         """,
-        (ids,),
+        (source, reason, ids),
     )
-    recorded.cancelled_runs = cancel_runs(conn, ids, reason="alert resolved")
+    result = Closed(cancelled_runs=cancel_runs(conn, ids, reason, source))
     fingerprints = sorted({row["fingerprint"] for row in closed})
-    resolved_ids = resolve_incidents_for(conn, fingerprints)
-    recorded.resolved_incidents = len(resolved_ids)
+    resolved_ids = resolve_incidents_for(conn, source, fingerprints, reason)
+    result.resolved_incidents = len(resolved_ids)
     for incident_id in resolved_ids:
-        recorded.notification_ids += queue_notifications(
-            conn, incident_id, "resolved", "alert resolved", config
+        result.notification_ids += queue_notifications(
+            conn, incident_id, "resolved", reason, config
         )
+    return result
 
 
-def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str) -> int:
+def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str, actor: str) -> int:
     """Cancel the active runs of these occurrences and skip their steps not yet started."""
     # Runs are locked before their steps, in the same order as the step tasks lock them.
     runs = conn.execute(
@@ -169,37 +189,38 @@ def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str) -> int
     conn.execute(
         """
         INSERT INTO events (kind, actor, run_id, message)
-        SELECT 'run_cancelled', 'alertmanager', id, %s FROM unnest(%s::bigint[]) AS id
+        SELECT 'run_cancelled', %s, id, %s FROM unnest(%s::bigint[]) AS id
         """,
-        (reason, run_ids),
+        (actor, reason, run_ids),
     )
     return len(run_ids)
 
 
-def resolve_incidents_for(conn: Connection, fingerprints: list[str]) -> list[int]:
+def resolve_incidents_for(
+    conn: Connection, source: str, fingerprints: list[str], reason: str
+) -> list[int]:
     """Resolve open incidents of these fingerprints that have no firing occurrence left."""
     rows = conn.execute(
         """
         UPDATE incidents i
-           SET status = 'resolved', resolved_at = now(), resolved_by = 'alertmanager',
+           SET status = 'resolved', resolved_at = now(), resolved_by = %(source)s,
                updated_at = now()
-         WHERE i.source = 'alertmanager' AND i.dedup_key = ANY(%s) AND i.status <> 'resolved'
+         WHERE i.source = %(source)s AND i.dedup_key = ANY(%(keys)s) AND i.status <> 'resolved'
            AND NOT EXISTS (SELECT 1 FROM occurrences o
-                            WHERE o.source = 'alertmanager' AND o.fingerprint = i.dedup_key
+                            WHERE o.source = %(source)s AND o.fingerprint = i.dedup_key
                               AND o.status = 'firing')
         RETURNING i.id
         """,
-        (fingerprints,),
+        {"source": source, "keys": fingerprints},
     ).fetchall()
     ids = [row["id"] for row in rows]
     if ids:
         conn.execute(
             """
             INSERT INTO events (kind, actor, incident_id, message)
-            SELECT 'incident_resolved', 'alertmanager', id, 'alert resolved'
-              FROM unnest(%s::bigint[]) AS id
+            SELECT 'incident_resolved', %s, id, %s FROM unnest(%s::bigint[]) AS id
             """,
-            (ids,),
+            (source, reason, ids),
         )
     return ids
 

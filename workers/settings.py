@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=30.0, gt=0)
     # Work recorded or dispatched this long ago and still not started is dispatched again.
     dispatch_grace_s: float = Field(default=60.0, ge=0)
-    system_check_interval_s: float = Field(default=300.0, gt=0)
+    health_interval_s: float = Field(default=60.0, gt=0)
+    check_history_days: float = Field(default=30.0, gt=0)
 
     task_soft_time_limit_s: int = Field(default=300, ge=1)
     task_time_limit_s: int = Field(default=360, ge=1)

@@ -1,0 +1,87 @@
+"""Health checks on demand and in rounds (queue `checks`): results recorded, findings acted on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tasks.actions import run_check
+from tasks.sweeper import heartbeat
+from workers import dispatch, health
+from workers.app import app
+from workers.config import get_config
+from workers.db import transaction
+from workers.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# Seconds a round's checks may wait in the queue before they are stale and dropped.
+CHECK_EXPIRES_S = 300
+
+
+@app.task(name="caretaker.health.run_round", acks_late=True, reject_on_worker_lost=True)
+def run_round() -> int:
+    """Send one check of every configured target to the `checks` queue, and prune history.
+    Idempotent (an extra round is one more result per target); not retried."""
+    settings = get_settings()
+    targets = get_config().checks.targets()
+    for _, target in targets:
+        dispatch.send(
+            CHECK_TARGET,
+            [target.name],
+            expires=min(settings.health_interval_s * 2, CHECK_EXPIRES_S),
+        )
+    with transaction() as conn:
+        pruned = health.prune_history(conn, settings.check_history_days)
+        heartbeat(conn, "health_round")
+    log.info("health round sent targets=%d pruned=%d", len(targets), pruned)
+    return len(targets)
+
+
+CHECK_TARGET = "caretaker.health.check_target"
+
+
+@app.task(name=CHECK_TARGET, acks_late=True, reject_on_worker_lost=True)
+def check_target(name: str) -> dict[str, Any]:
+    """Check one configured target and record the result; open, escalate or close its episode.
+    Read-only towards the target. A duplicate adds one history row; not retried."""
+    config = get_config()
+    found = config.checks.find(name)
+    if found is None:
+        log.warning("check of an unknown target name=%s", name)
+        return {"status": "unknown", "summary": f"no target named {name!r} in the configuration"}
+    group, target = found
+
+    result = run_check(target.action, target.params).model_dump()
+    with transaction() as conn:
+        recorded = health.record_result(conn, group, target, result, config)
+
+    if recorded.new_occurrence_id is not None:
+        dispatch.try_send("routing", dispatch.route_occurrences, [recorded.new_occurrence_id])
+    dispatch.try_send("notifications", dispatch.send_notifications, recorded.notification_ids)
+    return result
+
+
+@app.task(name="caretaker.health.record_beat_tick", acks_late=True)
+def record_beat_tick() -> None:
+    """Record that beat is alive. Idempotent."""
+    with transaction() as conn:
+        heartbeat(conn, "beat")
+
+
+def _on_demand(action: str, params: dict[str, Any]) -> dict[str, Any]:
+    result = run_check(action, params)
+    log.info("check %s status=%s %s", action, result.status, result.summary)
+    return result.model_dump()
+
+
+@app.task(name="caretaker.health.check_http", acks_late=True, reject_on_worker_lost=True)
+def check_http(**params: Any) -> dict[str, Any]:
+    """Check an HTTP endpoint. Read-only and idempotent; not retried; records nothing."""
+    return _on_demand("check_http", params)
+
+
+@app.task(name="caretaker.health.check_system", acks_late=True, reject_on_worker_lost=True)
+def check_system(**params: Any) -> dict[str, Any]:
+    """Check the worker's host: CPU, memory, disks. Read-only; not retried; records nothing."""
+    return _on_demand("check_system", params)
