@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, check_system
 from tasks.commands import CommandParams
 from tasks.incidents import EscalateParams
+from tasks.netchecks import DnsParams, TlsParams, check_dns, check_tls
 from workers.config import ActionsConfig
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ ACTIONS: dict[str, Action] = {
     for action in (
         Action("check_http", CHECK_KINDS, HttpParams, check_http),
         Action("check_system", CHECK_KINDS, SystemParams, check_system),
+        Action("check_tls", CHECK_KINDS, TlsParams, check_tls),
+        Action("check_dns", CHECK_KINDS, DnsParams, check_dns),
         Action("run_command", ("recover",), CommandParams),
         Action("escalate", ("escalate",), EscalateParams),
     )

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import httpx
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 Status = Literal["healthy", "warning", "critical", "unknown"]
+T = TypeVar("T")
 _RANK: dict[str, int] = {"healthy": 0, "unknown": 1, "warning": 2, "critical": 3}
 # Body kept for `body_contains`; a larger answer is read to the end but not stored.
 BODY_LIMIT_BYTES = 1024 * 1024
@@ -53,14 +55,14 @@ def check_http(params: HttpParams) -> CheckResult:
     try:
         status_code, body = _fetch_within(params)
     except TimeoutError:
-        return _timed(
+        return timed(
             started,
             "critical",
             f"no answer from {params.url} within {params.timeout_s}s",
             {"url": params.url, "error": "timeout"},
         )
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        return _timed(
+        return timed(
             started,
             "critical",
             f"cannot reach {params.url}: {exc}",
@@ -81,48 +83,61 @@ def check_http(params: HttpParams) -> CheckResult:
         status, summary = "critical", f"{summary}, body lacks {params.body_contains!r}"
     elif params.max_latency_ms is not None and latency_ms > params.max_latency_ms:
         status, summary = "warning", f"{summary}, over {params.max_latency_ms:.0f} ms"
-    return _timed(started, status, summary, details, value=latency_ms)
+    return timed(started, status, summary, details, value=latency_ms)
 
 
 def _fetch_within(params: HttpParams) -> tuple[int, str]:
     """Status and body of one request, all of it within timeout_s; TimeoutError otherwise."""
     # httpx bounds each read, not the whole exchange: a server that trickles its answer would
-    # hold the check for ever. The request runs in a thread that is abandoned at the deadline
-    # and stops at its next read.
+    # hold the check for ever. The reading loop stops at the deadline as well.
     deadline = time.monotonic() + params.timeout_s
+
+    def fetch() -> tuple[int, str]:
+        with (
+            httpx.Client(
+                timeout=params.timeout_s,
+                follow_redirects=params.follow_redirects,
+                verify=params.verify_tls,
+            ) as client,
+            client.stream(params.method, params.url) as response,
+        ):
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no complete answer within {params.timeout_s}s")
+                body += chunk[: BODY_LIMIT_BYTES - len(body)]
+            return response.status_code, body.decode(errors="replace")
+
+    try:
+        return run_within(fetch, params.timeout_s, "check-http")
+    except httpx.TimeoutException as exc:
+        raise TimeoutError(str(exc)) from exc
+
+
+def run_within(func: Callable[[], T], timeout_s: float, name: str) -> T:
+    """func's result if it finishes within timeout_s; TimeoutError if not; its error if it fails.
+
+    Client libraries bound each read or connect, not a whole exchange, and not name lookups.
+    func runs in a daemon thread that is abandoned at the deadline; func should set its own
+    socket timeouts so that the thread ends soon after.
+    """
     outcome: dict[str, Any] = {}
 
-    def fetch() -> None:
+    def call() -> None:
         try:
-            with (
-                httpx.Client(
-                    timeout=params.timeout_s,
-                    follow_redirects=params.follow_redirects,
-                    verify=params.verify_tls,
-                ) as client,
-                client.stream(params.method, params.url) as response,
-            ):
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    if time.monotonic() > deadline:
-                        return
-                    body += chunk[: BODY_LIMIT_BYTES - len(body)]
-                outcome["answer"] = (response.status_code, body.decode(errors="replace"))
-        except Exception as exc:  # handed to the caller's thread as it is
+            outcome["value"] = func()
+        except BaseException as exc:  # handed to the caller's thread as it is
             outcome["error"] = exc
 
-    thread = threading.Thread(target=fetch, name="check-http", daemon=True)
+    thread = threading.Thread(target=call, name=name, daemon=True)
     thread.start()
-    thread.join(params.timeout_s)
+    thread.join(timeout_s)
     if "error" in outcome:
-        error = outcome["error"]
-        if isinstance(error, httpx.TimeoutException):
-            raise TimeoutError(str(error)) from error
-        raise error
-    if "answer" not in outcome:
-        raise TimeoutError(f"no complete answer within {params.timeout_s}s")
-    answer: tuple[int, str] = outcome["answer"]
-    return answer
+        raise outcome["error"]
+    if "value" not in outcome:
+        raise TimeoutError(f"no answer within {timeout_s}s")
+    value: T = outcome["value"]
+    return value
 
 
 class SystemParams(Params):
@@ -169,7 +184,7 @@ def check_system(params: SystemParams) -> CheckResult:
     summary = f"cpu {cpu:.0f}%, memory {memory:.0f}%"
     if problems:
         summary += "; " + "; ".join(problems)
-    return _timed(started, status, summary, readings, value=max(cpu, memory))
+    return timed(started, status, summary, readings, value=max(cpu, memory))
 
 
 def _grade(value: float, warning: float, critical: float) -> Status:
@@ -178,7 +193,7 @@ def _grade(value: float, warning: float, critical: float) -> Status:
     return "warning" if value >= warning else "healthy"
 
 
-def _timed(
+def timed(
     started: float,
     status: Status,
     summary: str,
@@ -189,3 +204,6 @@ def _timed(
     return CheckResult(
         status=status, value=value, summary=summary, details=details, duration_s=duration_s
     )
+
+
+_timed = timed  # the name checks written before `timed` was public still import

@@ -85,3 +85,15 @@ def check_http(**params: Any) -> dict[str, Any]:
 def check_system(**params: Any) -> dict[str, Any]:
     """Check the worker's host: CPU, memory, disks. Read-only; not retried; records nothing."""
     return _on_demand("check_system", params)
+
+
+@app.task(name="caretaker.health.check_tls", acks_late=True, reject_on_worker_lost=True)
+def check_tls(**params: Any) -> dict[str, Any]:
+    """Check a TLS endpoint's certificate: days to expiry, trust, hostname. Read-only."""
+    return _on_demand("check_tls", params)
+
+
+@app.task(name="caretaker.health.check_dns", acks_late=True, reject_on_worker_lost=True)
+def check_dns(**params: Any) -> dict[str, Any]:
+    """Check that a name resolves, optionally to expected answers. Read-only."""
+    return _on_demand("check_dns", params)

@@ -27,9 +27,11 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
 
     assert queues == {
         "caretaker.alerts.route_occurrences": "alerts",
+        "caretaker.health.check_dns": "checks",
         "caretaker.health.check_http": "checks",
         "caretaker.health.check_system": "checks",
         "caretaker.health.check_target": "checks",
+        "caretaker.health.check_tls": "checks",
         "caretaker.health.record_beat_tick": "checks",
         "caretaker.health.run_round": "checks",
         "caretaker.commands.run_command": "remediation",

@@ -10,13 +10,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from tasks.actions import ACTIONS
 from tests.conftest import DATA
 from workers.cli import cli
 from workers.config import load_config, parse_config, resolve_references
 from workers.errors import ConfigError
 
 CONFIGS = DATA / "config"
-KNOWN_ACTIONS = "check_http, check_system, escalate, run_command"
+KNOWN_ACTIONS = ", ".join(sorted(ACTIONS))
 
 
 def valid_data() -> dict[str, Any]:
