@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -78,9 +78,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=200 if healthy else 503,
         )
 
+    stored = CollectorRegistry(auto_describe=False)
+    stored.register(metrics.StoredMetrics(_target_names))
+
     @api.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest() + await run_in_threadpool(generate_latest, stored)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return api
 
@@ -180,6 +184,10 @@ def _answer(notification: Notification, recorded: Recorded) -> dict[str, Any]:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _target_names() -> list[str]:
+    return [target.name for _, target in get_config().checks.targets()]
 
 
 def _database_ok() -> str:
