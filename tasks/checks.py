@@ -148,25 +148,56 @@ class SystemParams(Params):
     disk_paths: list[str] = ["/"]
     disk_warning_pct: float = Field(default=85.0, ge=0, le=100)
     disk_critical_pct: float = Field(default=95.0, ge=0, le=100)
+    # Paths that must be mount points: an unmounted volume leaves an ordinary directory behind.
+    mount_points: list[str] = []
+    # 1-minute load average per CPU; unset means load is reported but not graded.
+    load_warning_per_cpu: float | None = Field(default=None, gt=0)
+    load_critical_per_cpu: float | None = Field(default=None, gt=0)
+    # Process names (or their executable's base name) that must be running.
+    processes: list[str] = []
     # psutil's first reading in a fresh process is 0.0; sampling over an interval is real.
     cpu_sample_s: float = Field(default=0.5, gt=0, le=10)
 
 
 def check_system(params: SystemParams) -> CheckResult:
-    """CPU, memory and disk usage against thresholds; a missing path is a finding."""
+    """CPU, memory, load, disks, mounts and processes; a missing path is a finding, not an error."""
     started = time.monotonic()
     cpu = psutil.cpu_percent(interval=params.cpu_sample_s)
     memory = psutil.virtual_memory().percent
-    readings: dict[str, Any] = {
-        "cpu_pct": cpu,
-        "memory_pct": memory,
-        "load_1m": os.getloadavg()[0],
-    }
     statuses = [
         _grade(cpu, params.cpu_warning_pct, params.cpu_critical_pct),
         _grade(memory, params.memory_warning_pct, params.memory_critical_pct),
     ]
-    problems = []
+    readings: dict[str, Any] = {"cpu_pct": cpu, "memory_pct": memory}
+    problems: list[str] = []
+    for part in (_load, _disks, _mounts, _processes):
+        part(params, readings, statuses, problems)
+
+    summary = f"cpu {cpu:.0f}%, memory {memory:.0f}%"
+    if problems:
+        summary += "; " + "; ".join(problems)
+    return timed(started, worst(statuses), summary, readings, value=max(cpu, memory))
+
+
+Findings = list[Status]
+
+
+def _load(
+    params: SystemParams, readings: dict[str, Any], statuses: Findings, problems: list[str]
+) -> None:
+    per_cpu = os.getloadavg()[0] / (psutil.cpu_count() or 1)
+    readings["load_1m_per_cpu"] = round(per_cpu, 3)
+    warning = params.load_warning_per_cpu or float("inf")
+    critical = params.load_critical_per_cpu or float("inf")
+    status = _grade(per_cpu, warning, critical)
+    statuses.append(status)
+    if status != "healthy":
+        problems.append(f"load {per_cpu:.2f} per cpu")
+
+
+def _disks(
+    params: SystemParams, readings: dict[str, Any], statuses: Findings, problems: list[str]
+) -> None:
     disks: dict[str, Any] = {}
     for path in params.disk_paths:
         try:
@@ -177,14 +208,38 @@ def check_system(params: SystemParams) -> CheckResult:
             problems.append(f"disk {path}: {exc.strerror or exc}")
             continue
         disks[path] = {"used_pct": used}
-        statuses.append(_grade(used, params.disk_warning_pct, params.disk_critical_pct))
+        status = _grade(used, params.disk_warning_pct, params.disk_critical_pct)
+        statuses.append(status)
+        if status != "healthy":
+            problems.append(f"disk {path} {used:.0f}% used")
     readings["disks"] = disks
 
-    status = worst(statuses)
-    summary = f"cpu {cpu:.0f}%, memory {memory:.0f}%"
-    if problems:
-        summary += "; " + "; ".join(problems)
-    return timed(started, status, summary, readings, value=max(cpu, memory))
+
+def _mounts(
+    params: SystemParams, readings: dict[str, Any], statuses: Findings, problems: list[str]
+) -> None:
+    unmounted = [path for path in params.mount_points if not os.path.ismount(path)]
+    readings["unmounted"] = unmounted
+    for path in unmounted:
+        statuses.append("critical")
+        problems.append(f"{path} is not mounted")
+
+
+def _processes(
+    params: SystemParams, readings: dict[str, Any], statuses: Findings, problems: list[str]
+) -> None:
+    if not params.processes:
+        return
+    running = set()
+    for process in psutil.process_iter(["name", "exe"]):
+        running.add(process.info["name"])
+        if process.info["exe"]:
+            running.add(os.path.basename(process.info["exe"]))
+    missing = [name for name in params.processes if name not in running]
+    readings["missing_processes"] = missing
+    for name in missing:
+        statuses.append("critical")
+        problems.append(f"process {name} is not running")
 
 
 def _grade(value: float, warning: float, critical: float) -> Status:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -209,7 +211,7 @@ def test_system_healthy_with_generous_thresholds() -> None:
     assert result.summary == f"cpu {cpu:.0f}%, memory {memory:.0f}%"
     assert result.value == max(cpu, memory)
     assert 0 <= result.details["disks"]["/"]["used_pct"] < 100
-    assert isinstance(result.details["load_1m"], float)
+    assert result.details["load_1m_per_cpu"] >= 0
     assert result.duration_s >= 0.2
 
 
@@ -256,3 +258,33 @@ def test_worst_orders_statuses_by_severity() -> None:
     assert worst(["unknown", "warning", "healthy"]) == "warning"
     assert worst(["warning", "critical", "unknown"]) == "critical"
     assert worst(["critical", "healthy"]) == "critical"
+
+
+def test_system_a_directory_that_should_be_a_mount_point_is_critical(tmp_path: Path) -> None:
+    params = generous().model_copy(update={"mount_points": ["/proc", str(tmp_path)]})
+
+    result = check_system(params)
+
+    assert result.status == "critical"
+    assert result.details["unmounted"] == [str(tmp_path)]
+    assert f"{tmp_path} is not mounted" in result.summary
+
+
+def test_system_a_missing_process_is_critical() -> None:
+    params = generous().model_copy(
+        update={"processes": [Path(sys.executable).name, "caretaker-no-such-daemon"]}
+    )
+
+    result = check_system(params)
+
+    assert result.status == "critical"
+    assert result.details["missing_processes"] == ["caretaker-no-such-daemon"]
+
+
+def test_system_load_over_the_threshold_is_graded() -> None:
+    params = generous().model_copy(update={"load_warning_per_cpu": 1e-9})
+
+    result = check_system(params)
+
+    assert result.status in ("warning", "critical")
+    assert "per cpu" in result.summary
