@@ -14,6 +14,7 @@ from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, chec
 from tasks.commands import CommandParams
 from tasks.incidents import EscalateParams
 from tasks.netchecks import DnsParams, TlsParams, check_dns, check_tls
+from tasks.selfchecks import QueuesParams, check_queues
 from workers.config import ActionsConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ ACTIONS: dict[str, Action] = {
         Action("check_system", CHECK_KINDS, SystemParams, check_system),
         Action("check_tls", CHECK_KINDS, TlsParams, check_tls),
         Action("check_dns", CHECK_KINDS, DnsParams, check_dns),
+        Action("check_queues", CHECK_KINDS, QueuesParams, check_queues),
         Action("run_command", ("recover",), CommandParams),
         Action("escalate", ("escalate",), EscalateParams),
     )

@@ -165,8 +165,8 @@ def check_system(params: SystemParams) -> CheckResult:
     cpu = psutil.cpu_percent(interval=params.cpu_sample_s)
     memory = psutil.virtual_memory().percent
     statuses = [
-        _grade(cpu, params.cpu_warning_pct, params.cpu_critical_pct),
-        _grade(memory, params.memory_warning_pct, params.memory_critical_pct),
+        grade(cpu, params.cpu_warning_pct, params.cpu_critical_pct),
+        grade(memory, params.memory_warning_pct, params.memory_critical_pct),
     ]
     readings: dict[str, Any] = {"cpu_pct": cpu, "memory_pct": memory}
     problems: list[str] = []
@@ -189,7 +189,7 @@ def _load(
     readings["load_1m_per_cpu"] = round(per_cpu, 3)
     warning = params.load_warning_per_cpu or float("inf")
     critical = params.load_critical_per_cpu or float("inf")
-    status = _grade(per_cpu, warning, critical)
+    status = grade(per_cpu, warning, critical)
     statuses.append(status)
     if status != "healthy":
         problems.append(f"load {per_cpu:.2f} per cpu")
@@ -208,7 +208,7 @@ def _disks(
             problems.append(f"disk {path}: {exc.strerror or exc}")
             continue
         disks[path] = {"used_pct": used}
-        status = _grade(used, params.disk_warning_pct, params.disk_critical_pct)
+        status = grade(used, params.disk_warning_pct, params.disk_critical_pct)
         statuses.append(status)
         if status != "healthy":
             problems.append(f"disk {path} {used:.0f}% used")
@@ -242,7 +242,8 @@ def _processes(
         problems.append(f"process {name} is not running")
 
 
-def _grade(value: float, warning: float, critical: float) -> Status:
+def grade(value: float, warning: float, critical: float) -> Status:
+    """critical at or over `critical`, warning at or over `warning`, else healthy."""
     if value >= critical:
         return "critical"
     return "warning" if value >= warning else "healthy"
@@ -261,4 +262,6 @@ def timed(
     )
 
 
-_timed = timed  # the name checks written before `timed` was public still import
+# The names checks written before these were public still import.
+_timed = timed
+_grade = grade

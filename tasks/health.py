@@ -97,3 +97,9 @@ def check_tls(**params: Any) -> dict[str, Any]:
 def check_dns(**params: Any) -> dict[str, Any]:
     """Check that a name resolves, optionally to expected answers. Read-only."""
     return _on_demand("check_dns", params)
+
+
+@app.task(name="caretaker.health.check_queues", acks_late=True, reject_on_worker_lost=True)
+def check_queues(**params: Any) -> dict[str, Any]:
+    """Check caretaker itself: queue depths, workers, beat and sweeper. Read-only."""
+    return _on_demand("check_queues", params)

@@ -29,6 +29,7 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.alerts.route_occurrences": "alerts",
         "caretaker.health.check_dns": "checks",
         "caretaker.health.check_http": "checks",
+        "caretaker.health.check_queues": "checks",
         "caretaker.health.check_system": "checks",
         "caretaker.health.check_target": "checks",
         "caretaker.health.check_tls": "checks",
