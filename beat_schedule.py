@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.schedules import crontab
+
 from workers.settings import Settings
 
 # Seconds between the ticks by which caretaker sees that beat is alive.
@@ -22,6 +24,10 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "task": "caretaker.health.run_round",
             "schedule": settings.health_interval_s,
             "options": {"expires": settings.health_interval_s},
+        },
+        "health-report-daily": {
+            "task": "caretaker.health.report_daily",
+            "schedule": crontab(minute=0, hour=settings.daily_report_hour_utc),
         },
         "beat-tick": {
             "task": "caretaker.health.record_beat_tick",

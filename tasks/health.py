@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from tasks.actions import run_check
 from tasks.sweeper import heartbeat
-from workers import dispatch, health
+from workers import dispatch, health, reports
 from workers.app import app
 from workers.config import get_config
 from workers.db import transaction
@@ -60,6 +61,17 @@ def check_target(name: str) -> dict[str, Any]:
         dispatch.try_send("routing", dispatch.route_occurrences, [recorded.new_occurrence_id])
     dispatch.try_send("notifications", dispatch.send_notifications, recorded.notification_ids)
     return result
+
+
+@app.task(name="caretaker.health.report_daily", acks_late=True, reject_on_worker_lost=True)
+def report_daily() -> int:
+    """Build and store the health report of the last 24 hours; return its id. Each run stores
+    one more report (harmless twice); not retried."""
+    with transaction() as conn:
+        report = reports.health_report(conn, datetime.now(UTC))
+        report_id = reports.store(conn, report)
+    log.info("health report stored report_id=%s overall=%s", report_id, report["overall"])
+    return report_id
 
 
 @app.task(name="caretaker.health.record_beat_tick", acks_late=True)

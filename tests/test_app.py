@@ -34,6 +34,7 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.health.check_target": "checks",
         "caretaker.health.check_tls": "checks",
         "caretaker.health.record_beat_tick": "checks",
+        "caretaker.health.report_daily": "checks",
         "caretaker.health.run_round": "checks",
         "caretaker.commands.run_command": "remediation",
         "caretaker.incidents.send_notification": "incidents",

@@ -21,6 +21,7 @@ from workers.db import migrate as apply_migrations
 from workers.db import redact
 from workers.dispatch import ping_broker, redact_url
 from workers.errors import CaretakerError, ConfigError, DatabaseUnavailable
+from workers.reports import render_health
 from workers.settings import get_settings
 
 log = logging.getLogger("caretaker")
@@ -287,6 +288,23 @@ def incidents_resolve(incident_id: int, by: str | None) -> None:
     """Resolve an incident."""
     row = views.change_incident(incident_id, "resolved", by or getpass.getuser())
     click.echo(f"incident {row['id']} resolved")
+
+
+@cli.group()
+def reports() -> None:
+    """Reports built from caretaker's records."""
+
+
+@reports.command("health")
+@click.option("--hours", type=float, default=24.0, show_default=True, help="Period to cover.")
+@click.option("--json", "as_json", is_flag=True)
+def reports_health(hours: float, as_json: bool) -> None:
+    """Each target's health over the period: results, share healthy, worst, latest, episodes."""
+    report = views.health_report(hours)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(render_health(report))
 
 
 @cli.group()

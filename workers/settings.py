@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     dispatch_grace_s: float = Field(default=60.0, ge=0)
     health_interval_s: float = Field(default=60.0, gt=0)
     check_history_days: float = Field(default=30.0, gt=0)
+    daily_report_hour_utc: int = Field(default=6, ge=0, le=23)
 
     task_soft_time_limit_s: int = Field(default=300, ge=1)
     task_time_limit_s: int = Field(default=360, ge=1)

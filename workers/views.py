@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from workers import dispatch, incidents
+from workers import dispatch, incidents, reports
 from workers.config import get_config
 from workers.db import Row, transaction
 from workers.errors import NotFound
@@ -46,6 +46,11 @@ def change_incident(incident_id: int, status: str, person: str) -> dict[str, Any
         )
     dispatch.try_send("notifications", dispatch.send_notifications, notification_ids)
     return _plain(row)
+
+
+def health_report(hours: float) -> dict[str, Any]:
+    with transaction() as conn:
+        return reports.health_report(conn, datetime.now(UTC), hours)
 
 
 def run_rows(status: str | None, limit: int) -> list[dict[str, Any]]:

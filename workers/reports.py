@@ -1,0 +1,96 @@
+"""Reports built from the stored records: the daily health report."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from workers.db import Connection
+from workers.health import SOURCE_CHECK
+
+RANKS = ("healthy", "unknown", "warning", "critical")
+
+
+def health_report(conn: Connection, end_at: datetime, hours: float = 24.0) -> dict[str, Any]:
+    """Per target: results, share healthy, worst and latest status, episodes; and incidents."""
+    start_at = end_at - timedelta(hours=hours)
+    window = {"start": start_at, "end": end_at, "source": SOURCE_CHECK}
+    targets = conn.execute(
+        """
+        SELECT r.target, r.grp AS "group", r.check_name AS "check", count(*) AS results,
+               round(100.0 * count(*) FILTER (WHERE r.status = 'healthy') / count(*), 1)
+                   AS healthy_pct,
+               max(array_position(%(ranks)s::text[], r.status)) AS worst_rank,
+               (array_agg(r.status ORDER BY r.checked_at DESC))[1] AS latest,
+               (array_agg(r.summary ORDER BY r.checked_at DESC))[1] AS latest_summary,
+               (SELECT count(*) FROM occurrences o
+                 WHERE o.source = %(source)s AND o.fingerprint = r.target
+                   AND o.starts_at >= %(start)s AND o.starts_at < %(end)s) AS episodes
+          FROM check_results r
+         WHERE r.checked_at >= %(start)s AND r.checked_at < %(end)s
+         GROUP BY r.target, r.grp, r.check_name
+         ORDER BY r.grp, r.target
+        """,
+        window | {"ranks": list(RANKS)},
+    ).fetchall()
+    incidents = conn.execute(
+        """
+        SELECT count(*) FILTER (WHERE opened_at >= %(start)s AND opened_at < %(end)s) AS opened,
+               count(*) FILTER (WHERE resolved_at >= %(start)s AND resolved_at < %(end)s)
+                   AS resolved,
+               count(*) FILTER (WHERE status <> 'resolved') AS open
+          FROM incidents WHERE source = %(source)s
+        """,
+        window,
+    ).fetchone()
+
+    rows = [_target(row) for row in targets]
+    return {
+        "kind": "health",
+        "period_start": start_at.isoformat(),
+        "period_end": end_at.isoformat(),
+        "overall": max((row["latest"] for row in rows), key=RANKS.index, default="unknown"),
+        "targets": rows,
+        "incidents": dict(incidents or {}),
+    }
+
+
+def _target(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["worst"] = RANKS[row.pop("worst_rank") - 1]
+    row["healthy_pct"] = float(row["healthy_pct"])
+    return row
+
+
+def store(conn: Connection, report: dict[str, Any]) -> int:
+    """Keep a report; return its id."""
+    row = conn.execute(
+        """
+        INSERT INTO reports (kind, period_start, period_end, body)
+        VALUES (%s, %s, %s, %s) RETURNING id
+        """,
+        (report["kind"], report["period_start"], report["period_end"], json.dumps(report)),
+    ).fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+def render_health(report: dict[str, Any]) -> str:
+    """The health report as text for a terminal."""
+    lines = [
+        f"health report {report['period_start'][:16]} .. {report['period_end'][:16]} UTC:"
+        f" overall {report['overall']}",
+        f"incidents: {report['incidents'].get('opened', 0)} opened,"
+        f" {report['incidents'].get('resolved', 0)} resolved,"
+        f" {report['incidents'].get('open', 0)} open",
+    ]
+    if not report["targets"]:
+        lines.append("no check results in this period")
+    for t in report["targets"]:
+        lines.append(
+            f"  {t['group']:<12} {t['target']:<24} {t['latest']:<9} worst {t['worst']:<9}"
+            f" {t['healthy_pct']:>5.1f}% healthy of {t['results']}, {t['episodes']} episodes"
+            f"  {t['latest_summary']}"
+        )
+    return "\n".join(lines)
