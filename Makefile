@@ -39,6 +39,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/webhook_batch.py
+	$(BIN)/python bench/check_round.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache celerybeat-schedule*

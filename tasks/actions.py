@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, check_system
 from tasks.commands import CommandParams
+from tasks.datachecks import PostgresParams, RedisParams, check_postgres, check_redis
 from tasks.incidents import EscalateParams
 from tasks.netchecks import DnsParams, TlsParams, check_dns, check_tls
 from tasks.selfchecks import QueuesParams, check_queues
@@ -84,6 +85,8 @@ ACTIONS: dict[str, Action] = {
         Action("check_system", CHECK_KINDS, SystemParams, check_system),
         Action("check_tls", CHECK_KINDS, TlsParams, check_tls),
         Action("check_dns", CHECK_KINDS, DnsParams, check_dns),
+        Action("check_postgres", CHECK_KINDS, PostgresParams, check_postgres),
+        Action("check_redis", CHECK_KINDS, RedisParams, check_redis),
         Action("check_queues", CHECK_KINDS, QueuesParams, check_queues),
         Action("run_command", ("recover",), CommandParams),
         Action("escalate", ("escalate",), EscalateParams),

@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tasks.checks import CheckResult, Params, Status, _grade, run_within, timed, worst
+from tasks.checks import CheckResult, Params, Status, grade, run_within, timed, worst
 from workers.settings import read_env_secret
 
 # Long-running queries are all counted; only the longest this many are listed in a result.
@@ -181,16 +181,16 @@ def _one_row(conn: psycopg.Connection[Any], sql: str, args: tuple[Any, ...] = ()
 
 def _grade_postgres(readings: dict[str, Any], params: PostgresParams) -> tuple[Status, str]:
     pct = readings["connections_pct"]
-    statuses = [_grade(pct, params.connections_warning_pct, params.connections_critical_pct)]
+    statuses = [grade(pct, params.connections_warning_pct, params.connections_critical_pct)]
     notes = [f"{readings['connections']}/{readings['max_connections']} connections ({pct:g}%)"]
     if readings["long_query_count"]:
         statuses.append("warning")
-        notes.append(f"{readings['long_query_count']} queries over {params.long_query_s:g}s")
+        notes.append(f"queries over {params.long_query_s:g}s: {readings['long_query_count']}")
     if readings["idle_in_transaction"]:
         statuses.append("warning")
         notes.append(
-            f"{readings['idle_in_transaction']} sessions idle in transaction "
-            f"over {params.idle_in_transaction_s:g}s"
+            f"sessions idle in transaction over {params.idle_in_transaction_s:g}s: "
+            f"{readings['idle_in_transaction']}"
         )
     if readings["is_replica"]:
         lag_s = readings["replication_lag_s"]
@@ -199,7 +199,7 @@ def _grade_postgres(readings: dict[str, Any], params: PostgresParams) -> tuple[S
             notes.append("replica, lag unknown: nothing replayed yet")
         else:
             limits_s = (params.replication_lag_warning_s, params.replication_lag_critical_s)
-            statuses.append(_grade(lag_s, *limits_s))
+            statuses.append(grade(lag_s, *limits_s))
             notes.append(f"replica lag {lag_s:g}s")
     return worst(statuses), ", ".join(notes)
 
@@ -304,7 +304,7 @@ def _grade_redis(readings: dict[str, Any], params: RedisParams) -> tuple[list[St
     notes = ["no maxmemory"]
     used_pct = readings["used_memory_pct"]
     if used_pct is not None:
-        statuses.append(_grade(used_pct, params.memory_warning_pct, params.memory_critical_pct))
+        statuses.append(grade(used_pct, params.memory_warning_pct, params.memory_critical_pct))
         notes = [f"memory {used_pct:g}% of maxmemory"]
     hit_rate = readings["hit_rate_pct"]
     if (

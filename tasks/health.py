@@ -115,3 +115,16 @@ def check_dns(**params: Any) -> dict[str, Any]:
 def check_queues(**params: Any) -> dict[str, Any]:
     """Check caretaker itself: queue depths, workers, beat and sweeper. Read-only."""
     return _on_demand("check_queues", params)
+
+
+@app.task(name="caretaker.health.check_postgres", acks_late=True, reject_on_worker_lost=True)
+def check_postgres(**params: Any) -> dict[str, Any]:
+    """Check a PostgreSQL server: connections, long queries, idle transactions, replica lag.
+    Read-only."""
+    return _on_demand("check_postgres", params)
+
+
+@app.task(name="caretaker.health.check_redis", acks_late=True, reject_on_worker_lost=True)
+def check_redis(**params: Any) -> dict[str, Any]:
+    """Check a Redis server: ping, memory, hit rate, evictions, clients. Read-only."""
+    return _on_demand("check_redis", params)
