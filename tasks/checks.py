@@ -268,8 +268,3 @@ def timed(
     return CheckResult(
         status=status, value=value, summary=summary, details=details, duration_s=duration_s
     )
-
-
-# The names checks written before these were public still import.
-_timed = timed
-_grade = grade

@@ -201,6 +201,11 @@ def _grade_postgres(readings: dict[str, Any], params: PostgresParams) -> tuple[S
             limits_s = (params.replication_lag_warning_s, params.replication_lag_critical_s)
             statuses.append(grade(lag_s, *limits_s))
             notes.append(f"replica lag {lag_s:g}s")
+        # Everything received is replayed, so a replica cut off from its primary shows no lag:
+        # only its WAL receiver tells that nothing more is coming.
+        if readings["wal_receiver_status"] != "streaming":
+            statuses.append("warning")
+            notes.append(f"replica not streaming (wal receiver: {readings['wal_receiver_status']})")
     return worst(statuses), ", ".join(notes)
 
 
