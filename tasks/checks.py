@@ -161,7 +161,7 @@ class SystemParams(Params):
     # 1-minute load average per CPU; unset means load is reported but not graded.
     load_warning_per_cpu: float | None = Field(default=None, gt=0)
     load_critical_per_cpu: float | None = Field(default=None, gt=0)
-    # Process names (or their executable's base name) that must be running.
+    # Names that must be running: a process's name, or the base name of its executable or argv[0].
     processes: list[str] = []
     # psutil's first reading in a fresh process is 0.0; sampling over an interval is real.
     cpu_sample_s: float = Field(default=0.5, gt=0, le=10)
@@ -239,10 +239,10 @@ def _processes(
     if not params.processes:
         return
     running = set()
-    for process in psutil.process_iter(["name", "exe"]):
+    for process in psutil.process_iter(["name", "exe", "cmdline"]):
         running.add(process.info["name"])
-        if process.info["exe"]:
-            running.add(os.path.basename(process.info["exe"]))
+        argv0 = (process.info["cmdline"] or [""])[0]
+        running.update(os.path.basename(path) for path in (process.info["exe"], argv0) if path)
     missing = [name for name in params.processes if name not in running]
     readings["missing_processes"] = missing
     for name in missing:
