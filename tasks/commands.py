@@ -7,6 +7,7 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from typing import IO, Any
 
@@ -43,6 +44,18 @@ class CommandResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+
+def _drain(pipes: list[IO[bytes]]) -> None:
+    selector = selectors.DefaultSelector()
+    for pipe in pipes:
+        selector.register(pipe, selectors.EVENT_READ)
+    while selector.get_map():
+        for key, _ in selector.select():
+            if not os.read(key.fd, 65536):
+                selector.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+    selector.close()
 
 
 def ensure_allowed(argv0: str, config: Config) -> None:
@@ -121,22 +134,30 @@ class _Output:
         """Read until the process exits (plus a short grace for its last output) or the
         deadline passes; True when the deadline passed first."""
         exited_at: float | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if exited_at is None and process.poll() is not None:
-                    exited_at = now
-                if exited_at is not None and (
-                    not self.selector.get_map() or now > exited_at + OUTPUT_GRACE_S
-                ):
-                    return False
-                if exited_at is None and now > deadline:
-                    return True
-                self._read(timeout_s=0.05)
-        finally:
-            self.selector.close()
-            for pipe in self.pipes:
+        while True:
+            now = time.monotonic()
+            if exited_at is None and process.poll() is not None:
+                exited_at = now
+            if exited_at is not None and (
+                not self.selector.get_map() or now > exited_at + OUTPUT_GRACE_S
+            ):
+                self._release()
+                return False
+            if exited_at is None and now > deadline:
+                self._release()
+                return True
+            self._read(timeout_s=0.05)
+
+    def _release(self) -> None:
+        # A daemon the command started may still hold the pipes: they are drained in the
+        # background until it lets go, so its writes never fail (SIGPIPE would kill it).
+        lingering = [pipe for pipe in self.pipes if pipe.fileno() in self.selector.get_map()]
+        self.selector.close()
+        for pipe in self.pipes:
+            if pipe not in lingering:
                 pipe.close()
+        if lingering:
+            threading.Thread(target=_drain, args=(lingering,), name="drain", daemon=True).start()
 
     def _read(self, timeout_s: float) -> None:
         if not self.selector.get_map():

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
@@ -21,7 +22,12 @@ from workers import dispatch, runs
 from workers.app import app
 from workers.config import get_config
 from workers.db import transaction
-from workers.errors import CaretakerError, DatabaseUnavailable, TransientError
+from workers.errors import (
+    CaretakerError,
+    DatabaseConflict,
+    DatabaseUnavailable,
+    TransientError,
+)
 from workers.runs import Claim, Outcome, StepRef
 from workers.settings import get_settings
 
@@ -40,15 +46,15 @@ def execute_step(step_id: int) -> str:
     settings = get_settings()
     with transaction() as conn:
         claim = runs.claim_step(conn, step_id, WORKER, settings.lease_s)
+        # Escalation is claimed, carried out and recorded in one transaction holding the run's
+        # lock: an alert resolving meanwhile either cancels it first or resolves its incident.
+        if claim is not None and claim.step["action"] == "escalate":
+            outcome = _escalate(conn, claim)
+            following = runs.finish_step(conn, claim, outcome, WORKER)
     if claim is None:
         return "nothing to do"
 
-    if claim.step["action"] == "escalate":
-        # Escalation writes the incident in the same transaction as the step's result.
-        with transaction() as conn:
-            outcome = _escalate(conn, claim)
-            following = runs.finish_step(conn, claim, outcome, WORKER)
-    else:
+    if claim.step["action"] != "escalate":
         with _lease(claim, settings.lease_s):
             outcome = _perform(claim)
             following = _record(claim, outcome)
@@ -68,7 +74,14 @@ def _record(claim: Claim, outcome: Outcome) -> list[StepRef]:
         try:
             with transaction() as conn:
                 return runs.finish_step(conn, claim, outcome, WORKER)
-        except DatabaseUnavailable as exc:
+        except psycopg.DataError as exc:
+            # The result itself cannot be stored: record that, rather than leave the step
+            # running until its lease says "outcome unknown".
+            log.error("step result not storable step_id=%s error=%s", claim.step["id"], exc)
+            if delay_s is None:
+                raise
+            outcome = Outcome(ok=False, result={}, error=f"result could not be stored: {exc}")
+        except (DatabaseUnavailable, DatabaseConflict) as exc:
             if delay_s is None:
                 raise
             log.warning(

@@ -188,3 +188,28 @@ def test_a_task_time_limit_while_waiting_kills_the_command(tmp_path: Path) -> No
         signal.signal(signal.SIGALRM, previous)
 
     assert gone(int(pidfile.read_text()))
+
+
+def test_a_daemon_writing_after_the_command_ended_keeps_running(
+    tmp_path: Path, leftovers: list[int]
+) -> None:
+    marker = tmp_path / "still-alive"
+    daemon = (
+        "import sys, time\n"
+        "time.sleep(1.0)\n"
+        "sys.stdout.write('x' * 200000); sys.stdout.flush()\n"
+        f"open({str(marker)!r}, 'w').write('ok')\n"
+    )
+    code = (
+        "import subprocess, sys\n"
+        f"d = subprocess.Popen([sys.executable, '-c', {daemon!r}], start_new_session=True)\n"
+        "print(d.pid, flush=True)\n"
+    )
+
+    result = run_command(python(code, timeout_s=5), CONFIG)
+    leftovers.append(int(result.stdout))
+
+    # Its writes land in a pipe still drained, so it is not killed by SIGPIPE.
+    assert result.exit_code == 0
+    wait_for(marker.exists, timeout_s=10, what="the daemon to write past its output")
+    assert marker.read_text() == "ok"

@@ -365,3 +365,141 @@ def test_a_command_timeout_longer_than_its_step() -> None:
         "runbooks[0].steps[1].params.timeout_s: 600 is longer than the step's timeout_s "
         "(120.0); the step would be stopped first"
     ]
+
+
+def test_steps_of_a_runbook_that_fails_validation_are_still_checked_in_depth() -> None:
+    problems = load_problems(CONFIGS / "runbook_errors.yml")
+
+    assert problems == [
+        "runbooks[0].matchers[0]: unbalanced quotes in 'alertname==\"WebDown\"'",
+        "runbooks[0].steps[2].attempts: Input should be greater than or equal to 1",
+        "runbooks[0].steps[5].accept[0]: "
+        "Input should be 'healthy', 'warning', 'critical' or 'unknown'",
+        "runbooks[1].matchers: List should have at least 1 item after validation, not 0",
+        "runbooks[0].steps[0].params.url: 'http://{{ labels.instance }}/healthz': a label "
+        "reference must be the whole argument, as '{{ labels.NAME }}' or '{{ annotations.NAME }}'",
+        f"runbooks[0].steps[1].action: unknown action 'restart_service' (known: {KNOWN_ACTIONS})",
+        "runbooks[0].steps[3].params.argv[0]: executable '/bin/rm' is not in actions.allowlist",
+        "runbooks[0].steps[4].params.timeout_s: 600 is longer than the step's timeout_s "
+        "(120.0); the step would be stopped first",
+        "runbooks[0].steps[6].kind: action 'check_http' cannot be a 'recover' step "
+        "(allowed: check, verify)",
+        "runbooks[0].steps[7].params.url: Field required",
+        "runbooks[0].steps[8].attempts: 100 attempts * delay_s 3600 = 360000 s, longer than "
+        "the step's timeout_s (60); lower attempts or delay_s, or raise timeout_s",
+        "runbooks[1].name: duplicate runbook name 'web'",
+    ]
+
+
+def test_a_bad_matcher_a_spliced_reference_and_an_unknown_action_together() -> None:
+    data = valid_data()
+    runbook = data["runbooks"][0]
+    runbook["matchers"] = ['alertname=="ServiceDown"']
+    runbook["steps"][0]["params"]["url"] = "http://{{ labels.instance }}/healthz"
+    runbook["steps"][1]["action"] = "restart_service"
+
+    problems = problems_of(data)
+
+    assert len(problems) == 3
+    assert problems[0].startswith("runbooks[0].matchers[0]: unbalanced quotes")
+    assert problems[1].startswith("runbooks[0].steps[0].params.url: 'http://{{ labels.instance")
+    assert problems[2].startswith("runbooks[0].steps[1].action: unknown action 'restart_service'")
+
+
+def test_a_verify_step_whose_waits_exceed_its_timeout() -> None:
+    data = valid_data()
+    data["runbooks"][0]["steps"][2].update(attempts=100, delay_s=3600, timeout_s=60)
+
+    assert problems_of(data) == [
+        "runbooks[0].steps[2].attempts: 100 attempts * delay_s 3600 = 360000 s, longer than "
+        "the step's timeout_s (60); lower attempts or delay_s, or raise timeout_s"
+    ]
+
+
+def test_a_verify_step_whose_waits_fill_its_timeout_exactly_is_accepted() -> None:
+    data = valid_data()
+    data["runbooks"][0]["steps"][2].update(attempts=4, delay_s=15, timeout_s=60)
+
+    assert parse_config(data).runbooks[0].steps[2].attempts == 4
+
+
+def test_only_verify_steps_repeat_so_only_they_have_a_waiting_budget() -> None:
+    data = valid_data()
+    data["runbooks"][0]["steps"][0].update(attempts=100, delay_s=3600, timeout_s=60)
+
+    assert parse_config(data).runbooks[0].steps[0].timeout_s == 60
+
+
+def test_duplicate_names_among_runbooks_that_fail_validation() -> None:
+    data = valid_data()
+    data["runbooks"][0]["matchers"] = []
+    data["runbooks"][1]["matchers"] = []
+    data["runbooks"][1]["name"] = "service-down"
+
+    assert problems_of(data) == [
+        "runbooks[0].matchers: List should have at least 1 item after validation, not 0",
+        "runbooks[1].matchers: List should have at least 1 item after validation, not 0",
+        "runbooks[1].name: duplicate runbook name 'service-down'",
+    ]
+
+
+def test_runbooks_that_are_not_mappings_or_have_odd_names_keep_their_indexes() -> None:
+    data = valid_data()
+    data["runbooks"][0]["name"] = ["not", "text"]
+    data["runbooks"].insert(0, "service-down")
+    data["runbooks"].append({"name": ["not", "text"], "steps": "none"})
+    data["runbooks"][2]["steps"][0]["action"] = "nope"
+
+    problems = problems_of(data)
+
+    assert f"runbooks[2].steps[0].action: unknown action 'nope' (known: {KNOWN_ACTIONS})" in (
+        problems
+    )
+    assert not [problem for problem in problems if "duplicate" in problem]
+
+
+KNOWN_CHECKS = ", ".join(
+    sorted(name.removeprefix("check_") for name, a in ACTIONS.items() if a.check is not None)
+)
+
+
+def test_every_target_that_is_well_formed_is_checked_when_the_section_fails() -> None:
+    data = valid_data()
+    data["checks"] = {
+        "application": [
+            {"name": "Web Site", "check": "http", "params": {"url": "https://example.com"}},
+            {"name": "api", "check": "htp"},
+            {"name": "api", "check": "http", "params": {"url": "{{ labels.url }}"}},
+        ]
+    }
+
+    problems = problems_of(data)
+
+    assert len(problems) == 4
+    assert problems[0].startswith("checks.application[0].name: String should match pattern")
+    assert problems[1:] == [
+        f"checks.application[1].check: unknown check 'htp' (known: {KNOWN_CHECKS})",
+        "checks.application[2].name: duplicate target name 'api'",
+        "checks.application[2].params: a health check has no alert to take labels from",
+    ]
+
+
+@pytest.mark.parametrize("other_section_broken", [False, True])
+def test_targets_are_checked_whether_or_not_another_section_fails(
+    other_section_broken: bool,
+) -> None:
+    data = valid_data()
+    data["checks"] = {
+        "application": [{"name": "system", "check": "http", "params": {"url": "https://a.b"}}],
+        "network": [{"name": "site", "check": "http"}],
+    }
+    if other_section_broken:
+        data["default_severity"] = "urgent"
+
+    problems = problems_of(data)
+
+    assert problems[-2:] == [
+        "checks.network[0].params.url: Field required",
+        "checks.host[0].name: duplicate target name 'system'",
+    ]
+    assert len(problems) == 2 + other_section_broken

@@ -111,7 +111,8 @@ def test_each_alert_is_handled_by_its_own_status(client: TestClient, db: Conn) -
     answer = post(client, payload)
 
     assert (answer.json()["new"], answer.json()["ignored"]) == (1, 1)
-    assert [(r["fingerprint"], r["status"]) for r in occurrences(db)] == [("a1", "firing")]
+    statuses = [(r["fingerprint"], r["status"], r["routed_at"] is None) for r in occurrences(db)]
+    assert statuses == [("a1", "firing", True), ("a2", "resolved", False)]
 
 
 def test_repeats_add_nothing(client: TestClient, db: Conn, broker: redis.Redis) -> None:
@@ -180,11 +181,15 @@ def test_resolved_alert_never_seen_firing_is_accepted_and_ignored(
     client: TestClient, db: Conn, broker: redis.Redis
 ) -> None:
     answer = post(client, notification(alert(fingerprint="zz", status="resolved")))
+    late = post(client, notification(alert(fingerprint="zz")))
 
     assert answer.status_code == 200
     assert answer.json()["ignored"] == 1
-    assert occurrences(db) == []
+    # Kept as resolved, so the firing notification arriving late is a repeat, not new work.
+    assert (late.json()["new"], late.json()["deduplicated"]) == (0, 1)
+    assert [(r["fingerprint"], r["status"]) for r in occurrences(db)] == [("zz", "resolved")]
     assert queued_tasks(broker, "alerts") == []
+    assert db.execute("SELECT count(*) AS n FROM runs").fetchone() == {"n": 0}
 
 
 def test_truncated_alerts_are_recorded_and_shown_on_the_incident(
@@ -295,3 +300,61 @@ def test_metrics_count_alerts(client: TestClient) -> None:
     after = client.get("/metrics").text
 
     assert [metric(after, s) - metric(before, s) for s in samples] == [1, 1, 1, 2]
+
+
+def test_a_nul_byte_in_one_alert_does_not_cost_the_group(client: TestClient, db: Conn) -> None:
+    poisoned = alert(fingerprint="p1", instance="a\u0000b")
+    poisoned["annotations"]["summary"] = "bad\u0000byte"
+
+    answer = post(client, notification(poisoned, alert(fingerprint="p2")))
+
+    assert answer.status_code == 200
+    rows = occurrences(db)
+    assert [r["fingerprint"] for r in rows] == ["p1", "p2"]
+    assert rows[0]["labels"]["instance"] == "a\ufffdb"
+    assert rows[0]["annotations"]["summary"] == "bad\ufffdbyte"
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (notification(alert(), truncated=2**40), "truncatedAlerts"),
+        (notification(alert(fingerprint="f" * 300)), "alerts.0.fingerprint"),
+    ],
+)
+def test_out_of_range_values_are_400(
+    client: TestClient, db: Conn, payload: dict[str, Any], message: str
+) -> None:
+    answer = post(client, payload)
+
+    assert answer.status_code == 400
+    assert message in answer.json()["error"]
+    assert occurrences(db) == []
+
+
+def test_deeply_nested_json_is_400(client: TestClient, db: Conn) -> None:
+    answer = client.post("/api/v1/alerts", content=b"[" * 100_000 + b"]" * 100_000)
+
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "malformed json: nested too deeply"
+
+
+def test_one_instant_in_two_time_zones_is_one_occurrence(client: TestClient, db: Conn) -> None:
+    utc = alert(fingerprint="tz", starts_at="2026-12-01T08:15:00Z")
+    paris = alert(fingerprint="tz", starts_at="2026-12-01T09:15:00+01:00")
+
+    answer = post(client, notification(utc, paris))
+
+    assert answer.status_code == 200
+    assert (answer.json()["new"], answer.json()["deduplicated"]) == (1, 1)
+    assert len(occurrences(db)) == 1
+
+
+def test_duplicates_within_one_payload_are_counted(client: TestClient, db: Conn) -> None:
+    answer = post(client, notification(*[alert(fingerprint="same")] * 50))
+
+    assert (answer.json()["alerts"], answer.json()["new"], answer.json()["deduplicated"]) == (
+        50,
+        1,
+        49,
+    )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
 from tests.conftest import Processes, alert, notification, wait_for
-from tests.services import PrivatePostgres
+from tests.services import PrivatePostgres, PrivateRedis
+from workers.app import BROKER_TIMEOUT_S
 from workers.db import migrate
 
 
@@ -66,3 +69,27 @@ def test_database_down_is_503_and_the_retry_records_once(
 
 def _accepted(answer: httpx.Response) -> httpx.Response | None:
     return answer if answer.status_code == 200 else None
+
+
+def test_broker_down_answers_promptly_and_the_sweeper_sends_later(
+    db: psycopg.Connection[Any], processes: Processes
+) -> None:
+    private = PrivateRedis()
+    private.start()
+    url = processes.webhook({"CARETAKER_BROKER_URL": private.url})
+    private.stop()
+
+    answers = []
+    for i in range(20):
+        started = time.monotonic()
+        answer = httpx.post(
+            f"{url}/api/v1/alerts", json=notification(alert(fingerprint=f"b{i}")), timeout=30
+        )
+        answers.append((answer.status_code, time.monotonic() - started))
+
+    # Recorded in PostgreSQL, so 200; the broker is never waited on within a request, and
+    # after the first refusal not even tried for a while.
+    assert [status for status, _ in answers] == [200] * 20
+    assert max(elapsed for _, elapsed in answers) < BROKER_TIMEOUT_S + 2
+    row = db.execute("SELECT count(*) AS n FROM occurrences WHERE routed_at IS NULL").fetchone()
+    assert row == {"n": 20}

@@ -20,6 +20,9 @@ STEP_QUEUES = {
     "escalate": "incidents",
 }
 
+# Seconds to connect to the broker: a down Redis must fail fast, the sweeper re-sends later.
+BROKER_TIMEOUT_S = 2.0
+
 TASK_MODULES = [
     "tasks.alerts",
     "tasks.runs",
@@ -48,7 +51,14 @@ def make_app() -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Results are kept only for `caretaker dispatch --wait`, which asks for them.
+        task_ignore_result=True,
+        broker_connection_timeout=BROKER_TIMEOUT_S,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": BROKER_TIMEOUT_S,
+            "socket_timeout": BROKER_TIMEOUT_S * 2,
+        },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from workers import views
 from workers.config import load_config
@@ -21,16 +23,32 @@ from workers.db import migrate as apply_migrations
 from workers.db import redact
 from workers.dispatch import ping_broker, redact_url
 from workers.errors import CaretakerError, ConfigError, DatabaseUnavailable
+from workers.incidents import INCIDENT_STATUSES
 from workers.reports import render_health
 from workers.settings import get_settings
 
 log = logging.getLogger("caretaker")
 
-POSTGRES_HELP = (
+POSTGRES_UNREACHABLE = (
     "PostgreSQL is not reachable at {url} ({error}).\n"
     "  Start a local one:   sudo pg_ctlcluster $(ls /etc/postgresql) main start\n"
     "  or with Docker:      docker compose up -d postgres\n"
     "  or point caretaker at yours: export CARETAKER_DATABASE_URL=postgresql://user@host/db"
+)
+POSTGRES_REFUSED = (
+    "PostgreSQL at {url} refused the connection: {error}\n"
+    "  Create the role, as the postgres user:  sudo -u postgres createuser --createdb {role}\n"
+    "  or let the role create databases:       sudo -u postgres psql -c 'ALTER ROLE \"{role}\""
+    " CREATEDB'\n"
+    "  or point caretaker at another role: export CARETAKER_DATABASE_URL=postgresql://user@host/db"
+)
+# Only a server that answered says these: about the role, its password or its rights.
+SERVER_ANSWERED_MARKS = (
+    "does not exist",
+    "authentication failed",
+    "password",
+    "permission denied",
+    "pg_hba.conf",
 )
 REDIS_HELP = (
     "Redis is not reachable at {url} ({error}).\n"
@@ -38,6 +56,18 @@ REDIS_HELP = (
     "  or with Docker:      docker compose up -d redis\n"
     "  or point caretaker at yours: export CARETAKER_BROKER_URL=redis://host:6379/0"
 )
+
+# A worker told to stop finishes the step it is running first (a recover step may be halfway
+# through a restart), so `run` waits this many seconds before it kills what is still running.
+SHUTDOWN_GRACE_S = 90.0
+# Seconds between the supervisor's looks at its children and, until it answers, the webhook.
+SUPERVISE_POLL_S = 0.5
+# Seconds one /healthz probe may take: the supervisor must keep noticing signals and exits.
+READY_PROBE_TIMEOUT_S = 1.0
+# Seconds to wait for a child to vanish after SIGKILL, which it cannot refuse.
+KILL_WAIT_S = 5.0
+# A webhook listening on every address is probed, and announced, on loopback.
+_WILDCARD_HOSTS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def main() -> None:
@@ -70,30 +100,136 @@ def cli() -> None:
 def run(host: str | None, port: int | None) -> None:
     """Webhook, a worker on all queues and beat together: the main job on one host."""
     _prepare()
+    settings = get_settings()
+    host, port = host or settings.host, port or settings.port
+
+    # Handlers first: a signal between starting a child and catching it would orphan the child.
+    received: list[int] = []
+    _catch_stop_signals(received)
     me = [sys.executable, "-m", "workers.cli"]
-    listen = ["--host", host or get_settings().host, "--port", str(port or get_settings().port)]
-    children = [
-        subprocess.Popen([*me, "webhook", *listen]),
-        subprocess.Popen([*me, "worker"]),
-        subprocess.Popen([*me, "beat"]),
-    ]
-    _supervise(children)
+    children = {
+        "webhook": _start([*me, "webhook", "--host", host, "--port", str(port)]),
+        "worker": _start([*me, "worker"]),
+        "beat": _start([*me, "beat"]),
+    }
+    sys.exit(_supervise(children, host, port, received))
 
 
-def _supervise(children: list[subprocess.Popen[bytes]]) -> None:
-    def stop(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+def _catch_stop_signals(received: list[int]) -> None:
+    def note(signum: int, _frame: Any) -> None:
+        received.append(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note)
+
+
+def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+    # Each child leads its own process group: Ctrl-C reaches the supervisor alone, which stops
+    # the children in order, and a kill takes a worker's pool processes with it.
+    return subprocess.Popen(argv, process_group=0)
+
+
+def _supervise(
+    children: dict[str, subprocess.Popen[bytes]], host: str, port: int, received: list[int]
+) -> int:
+    """Watch the children until a signal arrives or one exits, then stop all; the exit code."""
     # When one process ends, the others go too: a half-running caretaker is worse than none.
-    while all(child.poll() is None for child in children):
-        time.sleep(0.5)
-    stop(signal.SIGTERM, None)
-    codes = [child.wait(timeout=30) for child in children]
-    sys.exit(max(abs(code) for code in codes))
+    exited = _watch(children, host, port, received)
+    if exited is None:
+        log.info(
+            "stopping on signal=%s; a worker finishes its current step first, waiting up to"
+            " grace_s=%.0f (a second signal kills at once)",
+            signal.Signals(received[0]).name,
+            SHUTDOWN_GRACE_S,
+        )
+    else:
+        child = children[exited]
+        log.error(
+            "%s exited on its own code=%s pid=%s; stopping the others",
+            exited,
+            child.returncode,
+            child.pid,
+        )
+
+    killed = _stop(children, received)
+    return 0 if exited is None and not killed else 1
+
+
+def _watch(
+    children: dict[str, subprocess.Popen[bytes]], host: str, port: int, received: list[int]
+) -> str | None:
+    """Poll until a signal arrives (None) or a child exits (its name); say when ready, once."""
+    url = _base_url(_WILDCARD_HOSTS.get(host, host), port)
+    ready = False
+    while not received:
+        exited = [name for name, child in children.items() if child.poll() is not None]
+        if exited:
+            return exited[0]
+        if not ready and _answers(f"{url}/healthz"):
+            ready = True
+            click.echo(f"caretaker ready: webhook on {url}/api/v1/alerts")
+            sys.stdout.flush()
+        time.sleep(SUPERVISE_POLL_S)
+    return None
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=READY_PROBE_TIMEOUT_S).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop(children: dict[str, subprocess.Popen[bytes]], received: list[int]) -> list[str]:
+    """TERM every child, wait out the grace (or a further signal), KILL the rest; their names."""
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+
+    signals_seen = len(received)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    while _running(children) and time.monotonic() < deadline and len(received) == signals_seen:
+        time.sleep(0.1)
+
+    survivors = _running(children)
+    for name in survivors:
+        log.error(
+            "killing %s pid=%s: still running %.0fs after SIGTERM or told again to stop",
+            name,
+            children[name].pid,
+            SHUTDOWN_GRACE_S,
+        )
+        _kill_group(children[name])
+    for name, child in children.items():
+        _reap(name, child)
+    return survivors
+
+
+def _running(children: dict[str, subprocess.Popen[bytes]]) -> list[str]:
+    return [name for name, child in children.items() if child.poll() is None]
+
+
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except OSError:
+        # Not a group leader after all (or already gone): the process alone, then.
+        child.kill()
+
+
+def _reap(name: str, child: subprocess.Popen[bytes]) -> None:
+    try:
+        code = child.wait(timeout=KILL_WAIT_S)
+    except subprocess.TimeoutExpired:
+        log.error("%s pid=%s did not exit even after SIGKILL", name, child.pid)
+        return
+    log.info("%s stopped code=%s", name, code)
 
 
 def _prepare() -> None:
@@ -102,13 +238,33 @@ def _prepare() -> None:
     problems = []
     try:
         apply_migrations(settings.database_url)
-    except DatabaseUnavailable as exc:
-        problems.append(POSTGRES_HELP.format(url=redact(settings.database_url), error=exc))
+    except (DatabaseUnavailable, psycopg.Error) as exc:
+        problems.append(postgres_help(settings.database_url, _first_line(exc.__cause__ or exc)))
     broker = ping_broker()
     if broker != "ok":
         problems.append(REDIS_HELP.format(url=redact_url(settings.broker_url), error=broker))
     if problems:
         raise click.ClickException("\n".join(problems))
+
+
+def postgres_help(url: str, error: str) -> str:
+    """What to do about a database that cannot be used: refused by the server, or unreachable."""
+    if not any(mark in error.lower() for mark in SERVER_ANSWERED_MARKS):
+        return POSTGRES_UNREACHABLE.format(url=redact(url), error=error)
+    return POSTGRES_REFUSED.format(url=redact(url), error=error, role=_role(url))
+
+
+def _role(url: str) -> str:
+    # libpq connects as the operating system user when the URL names none.
+    try:
+        return str(conninfo_to_dict(url).get("user") or getpass.getuser())
+    except psycopg.Error:
+        return getpass.getuser()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).strip().splitlines()[:1]).strip()
+    return " ".join(text.split()) or type(exc).__name__
 
 
 @cli.command()
@@ -177,7 +333,11 @@ def flower() -> None:
 def migrate() -> None:
     """Create the database if missing and apply pending migrations."""
     settings = get_settings()
-    applied = apply_migrations(settings.database_url)
+    try:
+        applied = apply_migrations(settings.database_url)
+    except (DatabaseUnavailable, psycopg.Error) as exc:
+        error = _first_line(exc.__cause__ or exc)
+        raise click.ClickException(postgres_help(settings.database_url, error)) from exc
     click.echo(
         f"applied {len(applied)} migrations"
         + (f": {', '.join(applied)}" if applied else " (database up to date)")
@@ -217,19 +377,54 @@ def config_check(file: Path | None) -> None:
     help="A keyword argument; the value is read as JSON when it parses.",
 )
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
-@click.option("--timeout", "timeout_s", type=float, default=300.0, help="Seconds to wait.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds --wait waits for the result.",
+)
 def dispatch(task: str, args: tuple[str, ...], wait: bool, timeout_s: float) -> None:
     """Send TASK (a name like caretaker.health.check_system) to its queue."""
+    from kombu.exceptions import OperationalError
+
     from workers.app import app
 
     app.loader.import_default_modules()
     if task not in app.tasks:
         known = "\n  ".join(sorted(t for t in app.tasks if t.startswith("caretaker.")))
         raise click.ClickException(f"unknown task {task!r}; known tasks:\n  {known}")
-    result = app.tasks[task].apply_async(kwargs=_parse_args(args))
+    kwargs = _parse_args(args)
+    # The app stores no results unless asked; --wait reads this one from the result backend.
+    options = {"ignore_result": False} if wait else {}
+    try:
+        result = app.tasks[task].apply_async(kwargs=kwargs, **options)
+    except OperationalError as exc:
+        url = redact_url(get_settings().broker_url)
+        raise click.ClickException(f"cannot send {task}: broker unreachable at {url}: {exc}")
     click.echo(f"dispatched {task} id={result.id}")
     if wait:
-        click.echo(json.dumps(result.get(timeout=timeout_s), indent=2, default=str))
+        click.echo(json.dumps(_result_of(result, timeout_s), indent=2, default=str))
+
+
+def _result_of(result: Any, timeout_s: float) -> Any:
+    """The task's return value; no result in time, or the task's failure, is one line."""
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    try:
+        value = result.get(timeout=timeout_s, propagate=False)
+    except ResultTimeout as exc:
+        raise click.ClickException(
+            f"no result within {timeout_s:g}s; the task is still queued or running"
+            f" (id={result.id})"
+        ) from exc
+    if result.failed() or isinstance(value, BaseException):
+        message = "; ".join(line.strip() for line in str(value).splitlines() if line.strip())
+        raise click.ClickException(
+            f"task failed (id={result.id}): {type(value).__name__}: {message}"
+        )
+    return value
 
 
 def _parse_args(args: tuple[str, ...]) -> dict[str, Any]:
@@ -251,8 +446,8 @@ def incidents() -> None:
 
 
 @incidents.command("list")
-@click.option("--status", type=click.Choice(["open", "acknowledged", "resolved"]))
-@click.option("--limit", type=int, default=50)
+@click.option("--status", type=click.Choice(INCIDENT_STATUSES))
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def incidents_list(status: str | None, limit: int, as_json: bool) -> None:
     """Incidents, newest first."""
@@ -313,8 +508,8 @@ def runs() -> None:
 
 
 @runs.command("list")
-@click.option("--status", default=None)
-@click.option("--limit", type=int, default=50)
+@click.option("--status", type=click.Choice(views.RUN_STATUSES))
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def runs_list(status: str | None, limit: int, as_json: bool) -> None:
     """Runs, newest first."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import (
@@ -149,36 +149,95 @@ def parse_config(data: Any) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems = [_format_error(err) for err in exc.errors()]
-        # Steps of the runbooks that are themselves well formed are still checked, so one
-        # run of `config check` reports every problem in the file.
-        problems += _check_steps(_valid_runbooks(data), _valid_actions(data))
-        raise ConfigError(problems) from exc
+        # Every step and target that is well formed on its own is still checked in depth,
+        # so one run of `config check` reports every problem in the file.
+        actions = _validated(ActionsConfig, data.get("actions") or {}) or ActionsConfig()
+        problems += _check_runbooks(_raw_runbooks(data), actions)
+        problems += _check_targets(_raw_targets(data), actions)
+        raise ConfigError(list(dict.fromkeys(problems))) from exc
 
-    problems = _check_steps(list(enumerate(config.runbooks)), config.actions)
-    problems += _check_targets(config.checks, config.actions)
+    problems = _check_runbooks(_runbooks_of(config), config.actions)
+    problems += _check_targets(_targets_of(config.checks), config.actions)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     return config
 
 
-def _valid_runbooks(data: dict[str, Any]) -> list[tuple[int, RunbookConfig]]:
+class _Runbook(NamedTuple):
+    """A runbook at its path, as the deeper checks see it: its name as written, valid steps."""
+
+    where: str
+    name: Any
+    steps: list[tuple[int, StepConfig]]
+
+
+class _Target(NamedTuple):
+    """A health-check target at its path: its name as written, and the target if valid."""
+
+    where: str
+    name: Any
+    target: CheckTarget | None
+
+
+def _runbooks_of(config: Config) -> list[_Runbook]:
+    return [
+        _Runbook(f"runbooks[{i}]", runbook.name, list(enumerate(runbook.steps)))
+        for i, runbook in enumerate(config.runbooks)
+    ]
+
+
+def _raw_runbooks(data: dict[str, Any]) -> list[_Runbook]:
     raw = data.get("runbooks")
     if not isinstance(raw, list):
         return []
-    valid = []
-    for i, item in enumerate(raw):
-        try:
-            valid.append((i, RunbookConfig.model_validate(item)))
-        except ValidationError:
-            continue
-    return valid
+    return [
+        _Runbook(f"runbooks[{i}]", item.get("name"), _valid_steps(item.get("steps")))
+        for i, item in enumerate(raw)
+        if isinstance(item, dict)
+    ]
 
 
-def _valid_actions(data: dict[str, Any]) -> ActionsConfig:
+def _valid_steps(raw: Any) -> list[tuple[int, StepConfig]]:
+    if not isinstance(raw, list):
+        return []
+    steps = [(j, _validated(StepConfig, item)) for j, item in enumerate(raw)]
+    return [(j, step) for j, step in steps if step is not None]
+
+
+def _targets_of(checks: ChecksConfig) -> list[_Target]:
+    return [
+        _Target(f"checks.{group}[{k}]", target.name, target)
+        for group in CHECK_GROUPS
+        for k, target in enumerate(getattr(checks, group))
+    ]
+
+
+def _raw_targets(data: dict[str, Any]) -> list[_Target]:
+    raw = data.get("checks") or {}
+    if not isinstance(raw, dict):
+        return []
+    # A group the file leaves out keeps its default, as it does when the file is valid.
+    raw = ChecksConfig().model_dump() | raw
+    return [
+        _Target(f"checks.{group}[{k}]", _raw_name(item), _validated(CheckTarget, item))
+        for group in CHECK_GROUPS
+        if isinstance(raw.get(group), list)
+        for k, item in enumerate(raw[group])
+    ]
+
+
+def _raw_name(item: Any) -> Any:
+    return item.get("name") if isinstance(item, dict) else None
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _validated(model: type[_Model], value: Any) -> _Model | None:
     try:
-        return ActionsConfig.model_validate(data.get("actions") or {})
+        return model.model_validate(value)
     except ValidationError:
-        return ActionsConfig()
+        return None
 
 
 def load_config(path: Path | None) -> Config:
@@ -202,63 +261,89 @@ def get_config() -> Config:
     return load_config(get_settings().config)
 
 
-def _check_steps(runbooks: list[tuple[int, RunbookConfig]], actions: ActionsConfig) -> list[str]:
-    from tasks.actions import ACTIONS
-
-    problems: list[str] = []
-    names = set()
-    for i, runbook in runbooks:
-        if runbook.name in names:
-            problems.append(f"runbooks[{i}].name: duplicate runbook name {runbook.name!r}")
-        names.add(runbook.name)
-        for j, step in enumerate(runbook.steps):
-            where = f"runbooks[{i}].steps[{j}]"
-            action = ACTIONS.get(step.action)
-            if action is None:
-                known = ", ".join(sorted(ACTIONS))
-                problems.append(f"{where}.action: unknown action {step.action!r} (known: {known})")
-                continue
-            if step.kind not in action.kinds:
-                allowed = ", ".join(action.kinds)
-                problems.append(
-                    f"{where}.kind: action {step.action!r} cannot be a {step.kind!r} step "
-                    f"(allowed: {allowed})"
-                )
-            problems.extend(_check_references(step.params, f"{where}.params"))
-            command_timeout_s = step.params.get("timeout_s")
-            if isinstance(command_timeout_s, int | float) and command_timeout_s > step.timeout_s:
-                problems.append(
-                    f"{where}.params.timeout_s: {command_timeout_s} is longer than the step's "
-                    f"timeout_s ({step.timeout_s}); the step would be stopped first"
-                )
-            problems.extend(action.check_params(step.params, actions, f"{where}.params"))
-    return problems
-
-
-def _check_targets(checks: ChecksConfig, actions: ActionsConfig) -> list[str]:
-    from tasks.actions import ACTIONS
-
+def _check_runbooks(runbooks: list[_Runbook], actions: ActionsConfig) -> list[str]:
     problems: list[str] = []
     seen: set[str] = set()
-    positions: dict[str, int] = {}
-    for group, target in checks.targets():
-        index = positions[group] = positions.get(group, -1) + 1
-        where = f"checks.{group}[{index}]"
-        if target.name in seen:
-            problems.append(f"{where}.name: duplicate target name {target.name!r}")
-        seen.add(target.name)
-        action = ACTIONS.get(target.action)
-        if action is None or action.check is None:
-            known = ", ".join(
-                sorted(a.removeprefix("check_") for a, v in ACTIONS.items() if v.check is not None)
-            )
-            problems.append(f"{where}.check: unknown check {target.check!r} (known: {known})")
-            continue
-        if "{{" in repr(target.params):
-            problems.append(f"{where}.params: a health check has no alert to take labels from")
-            continue
-        problems.extend(action.check_params(target.params, actions, f"{where}.params"))
+    for where, name, steps in runbooks:
+        if _seen_before(name, seen):
+            problems.append(f"{where}.name: duplicate runbook name {name!r}")
+        for j, step in steps:
+            problems += _check_step(step, f"{where}.steps[{j}]", actions)
     return problems
+
+
+def _seen_before(name: Any, seen: set[str]) -> bool:
+    """Whether a name as written was already used; names that are not text are ignored."""
+    if not isinstance(name, str) or not name:
+        return False
+    found = name in seen
+    seen.add(name)
+    return found
+
+
+def _check_step(step: StepConfig, where: str, actions: ActionsConfig) -> list[str]:
+    from tasks.actions import ACTIONS
+
+    problems: list[str] = []
+    action = ACTIONS.get(step.action)
+    if action is None:
+        known = ", ".join(sorted(ACTIONS))
+        problems.append(f"{where}.action: unknown action {step.action!r} (known: {known})")
+    elif step.kind not in action.kinds:
+        allowed = ", ".join(action.kinds)
+        problems.append(
+            f"{where}.kind: action {step.action!r} cannot be a {step.kind!r} step "
+            f"(allowed: {allowed})"
+        )
+    problems += _check_references(step.params, f"{where}.params")
+    problems += _check_budget(step, where)
+    if action is not None:
+        problems += action.check_params(step.params, actions, f"{where}.params")
+    return problems
+
+
+def _check_budget(step: StepConfig, where: str) -> list[str]:
+    """Whether the step's work fits in its timeout_s, beyond which Celery stops it."""
+    problems: list[str] = []
+    command_timeout_s = step.params.get("timeout_s")
+    if isinstance(command_timeout_s, int | float) and command_timeout_s > step.timeout_s:
+        problems.append(
+            f"{where}.params.timeout_s: {command_timeout_s} is longer than the step's "
+            f"timeout_s ({step.timeout_s}); the step would be stopped first"
+        )
+    waits_s = step.attempts * step.delay_s
+    if step.kind == "verify" and waits_s > step.timeout_s:
+        problems.append(
+            f"{where}.attempts: {step.attempts} attempts * delay_s {step.delay_s:g} = "
+            f"{waits_s:g} s, longer than the step's timeout_s ({step.timeout_s:g}); "
+            "lower attempts or delay_s, or raise timeout_s"
+        )
+    return problems
+
+
+def _check_targets(targets: list[_Target], actions: ActionsConfig) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for where, name, target in targets:
+        if _seen_before(name, seen):
+            problems.append(f"{where}.name: duplicate target name {name!r}")
+        if target is not None:
+            problems += _check_target(target, where, actions)
+    return problems
+
+
+def _check_target(target: CheckTarget, where: str, actions: ActionsConfig) -> list[str]:
+    from tasks.actions import ACTIONS
+
+    action = ACTIONS.get(target.action)
+    if action is None or action.check is None:
+        known = ", ".join(
+            sorted(a.removeprefix("check_") for a, v in ACTIONS.items() if v.check is not None)
+        )
+        return [f"{where}.check: unknown check {target.check!r} (known: {known})"]
+    if "{{" in repr(target.params):
+        return [f"{where}.params: a health check has no alert to take labels from"]
+    return action.check_params(target.params, actions, f"{where}.params")
 
 
 def _check_references(value: Any, where: str) -> list[str]:

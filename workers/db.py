@@ -16,7 +16,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from workers.errors import DatabaseUnavailable
+from workers.errors import DatabaseConflict, DatabaseUnavailable
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ _pool: ConnectionPool[Connection] | None = None
 _pool_lock = threading.Lock()
 # Serialises migrations across processes that start at the same time.
 _MIGRATION_LOCK_ID = 0x63617265
+# SQLSTATE classes and codes that mean PostgreSQL is out of reach rather than the query wrong:
+# connection exceptions, insufficient resources, operator intervention (shutdown, crash).
+UNAVAILABLE_CLASSES = ("08", "53")
+UNAVAILABLE_STATES = ("57P01", "57P02", "57P03")
 # Seconds the pool keeps retrying a lost connection before it lets a new request try afresh.
 DB_RECONNECT_GIVE_UP_S = 10.0
 
@@ -74,12 +78,40 @@ def close_pool() -> None:
 
 @contextmanager
 def transaction() -> Iterator[Connection]:
-    """A pooled connection inside one transaction; unavailability raises DatabaseUnavailable."""
+    """A pooled connection inside one transaction.
+
+    PostgreSQL out of reach raises DatabaseUnavailable and a deadlock or serialisation
+    failure DatabaseConflict, both transient; any other database error is raised as it is.
+    """
+    pool = get_pool()
     try:
-        with get_pool().connection() as conn, conn.transaction():
+        with pool.connection() as conn, conn.transaction():
             yield conn
-    except (PoolTimeout, psycopg.OperationalError) as exc:
+    except PoolTimeout as exc:
+        _discard(pool)
         raise DatabaseUnavailable(f"postgresql unavailable: {_describe(exc)}") from exc
+    except psycopg.OperationalError as exc:
+        raise _classify(exc) from exc
+
+
+def _classify(exc: psycopg.OperationalError) -> Exception:
+    state = exc.sqlstate or ""
+    if state.startswith("40"):
+        return DatabaseConflict(f"postgresql conflict, retry: {_describe(exc)}")
+    if not state or state[:2] in UNAVAILABLE_CLASSES or state in UNAVAILABLE_STATES:
+        return DatabaseUnavailable(f"postgresql unavailable: {_describe(exc)}")
+    return exc
+
+
+def _discard(pool: ConnectionPool[Connection]) -> None:
+    # After an outage the pool may sit in a long reconnect backoff; a fresh pool connects at
+    # once. The old one is closed in the background, without holding up the caller.
+    global _pool
+    with _pool_lock:
+        if _pool is not pool:
+            return
+        _pool = None
+    threading.Thread(target=pool.close, kwargs={"timeout": 1.0}, daemon=True).start()
 
 
 def _describe(exc: Exception) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from kombu.exceptions import OperationalError
@@ -20,14 +21,24 @@ SEND_NOTIFICATION = "caretaker.incidents.send_notification"
 STEP_MARGIN_S = 30
 # A batch of occurrences is routed by one task; more than this is split.
 ROUTE_BATCH = 500
+# Seconds during which a process sends nothing more after the broker refused a message.
+BROKER_BACKOFF_S = 10.0
+
+_broker_down_until = 0.0
 
 
 def send(name: str, args: list[Any], queue: str | None = None, **options: Any) -> None:
     """Publish one task; BrokerUnavailable when the broker cannot take it now."""
     # Publishing never retries here: PostgreSQL holds the work and the sweeper sends it again.
+    # After a failure the broker is left alone for a while, so that a Redis outage costs
+    # callers one connect timeout, not one per message.
+    global _broker_down_until
+    if time.monotonic() < _broker_down_until:
+        raise BrokerUnavailable(f"broker marked unavailable; {name} left to the sweeper")
     try:
-        app.send_task(name, args=args, queue=queue, retry=False, **options)
+        app.send_task(name, args=args, queue=queue, retry=False, ignore_result=True, **options)
     except (OperationalError, OSError) as exc:
+        _broker_down_until = time.monotonic() + BROKER_BACKOFF_S
         raise BrokerUnavailable(f"broker unavailable for {name}: {exc}") from exc
 
 

@@ -27,6 +27,10 @@ class DatabaseUnavailable(TransientError):
     """PostgreSQL cannot be reached or refused the connection."""
 
 
+class DatabaseConflict(TransientError):
+    """PostgreSQL aborted a transaction for a deadlock or serialisation failure."""
+
+
 class BrokerUnavailable(TransientError):
     """The Celery broker cannot be reached."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from workers.config import Config
 from workers.db import Connection, Row
@@ -28,17 +30,20 @@ class Recorded:
 
 def record_notification(conn: Connection, notification: Notification, config: Config) -> Recorded:
     """Record a notification's alerts in the caller's transaction, as one batch."""
-    firing: dict[tuple[str, str], Alert] = {}
-    resolved: dict[tuple[str, str], Alert] = {}
+    firing: dict[tuple[str, datetime], Alert] = {}
+    resolved: dict[tuple[str, datetime], Alert] = {}
     for alert in notification.alerts:
-        key = (alert.fingerprint, alert.starts_at.isoformat())
+        # Aware datetimes compare by instant: 08:15Z and 09:15+01:00 are one occurrence.
+        key = (alert.fingerprint, alert.starts_at.astimezone(UTC))
         (firing if alert.status == "firing" else resolved)[key] = alert
 
-    recorded = Recorded()
+    # Rows in one order in every transaction, so concurrent notifications of the same alerts
+    # lock them in the same order and never deadlock.
+    recorded = Recorded(deduplicated=len(notification.alerts) - len(firing) - len(resolved))
     if firing:
-        _record_firing(conn, notification, list(firing.values()), recorded)
+        _record_firing(conn, notification, [firing[k] for k in sorted(firing)], recorded)
     if resolved:
-        _record_resolved(conn, list(resolved.values()), recorded, config)
+        _record_resolved(conn, [resolved[k] for k in sorted(resolved)], recorded, config)
     if notification.truncated_alerts:
         _note_truncation(conn, notification)
     return recorded
@@ -103,6 +108,7 @@ def _record_resolved(
             "fingerprint": a.fingerprint,
             "starts_at": a.starts_at.isoformat(),
             "ends_at": a.ends_at.isoformat() if a.ends_at else None,
+            "labels": a.labels,
         }
         for a in alerts
     ]
@@ -121,8 +127,10 @@ def _record_resolved(
     )
     closed = cursor.fetchall()
     recorded.resolved = len(closed)
-    # A resolved alert never seen firing, or resolved already, changes nothing.
+    # A resolved alert never seen firing, or resolved already, changes nothing...
     recorded.ignored = len(alerts) - len(closed)
+    if recorded.ignored:
+        _remember_resolved(conn, rows)
     if not closed:
         return
 
@@ -130,6 +138,24 @@ def _record_resolved(
     recorded.cancelled_runs = closing.cancelled_runs
     recorded.resolved_incidents = closing.resolved_incidents
     recorded.notification_ids += closing.notification_ids
+
+
+def _remember_resolved(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    # ...but it is kept, already resolved and routed: a firing notification of the same
+    # episode arriving late (Alertmanager peers do not keep order) is then a repeat, and never
+    # starts a run or opens an incident that nothing would resolve.
+    conn.execute(
+        """
+        INSERT INTO occurrences (source, fingerprint, starts_at, ends_at, status, labels,
+                                 routed_at, resolved_at)
+        SELECT 'alertmanager', x.fingerprint, x.starts_at, coalesce(x.ends_at, now()),
+               'resolved', x.labels, now(), now()
+          FROM jsonb_to_recordset(%s::jsonb) AS x(fingerprint text, starts_at timestamptz,
+               ends_at timestamptz, labels jsonb)
+        ON CONFLICT (source, fingerprint, starts_at) DO NOTHING
+        """,
+        (json.dumps(rows),),
+    )
 
 
 @dataclass

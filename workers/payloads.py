@@ -8,6 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Alertmanager's fingerprints are 16 hex digits; anything far longer is not a fingerprint.
+FINGERPRINT_MAX = 256
+
 
 class Alert(BaseModel):
     """One alert of a notification; its own status counts, not the group's."""
@@ -21,7 +24,18 @@ class Alert(BaseModel):
     starts_at: datetime = Field(alias="startsAt")
     ends_at: datetime | None = Field(default=None, alias="endsAt")
     generator_url: str = Field(default="", alias="generatorURL")
-    fingerprint: str = ""
+    fingerprint: str = Field(default="", max_length=FINGERPRINT_MAX)
+
+    @field_validator("labels", "annotations", mode="after")
+    @classmethod
+    def _storable(cls, value: dict[str, str]) -> dict[str, str]:
+        # PostgreSQL text cannot hold NUL; one such byte must not cost the whole group.
+        return {_storable_text(k): _storable_text(v) for k, v in value.items()}
+
+    @field_validator("fingerprint", "generator_url", mode="after")
+    @classmethod
+    def _storable_str(cls, value: str) -> str:
+        return _storable_text(value)
 
     @field_validator("ends_at", mode="after")
     @classmethod
@@ -54,10 +68,19 @@ class Notification(BaseModel):
     receiver: str = ""
     status: str = ""
     group_key: str = Field(default="", alias="groupKey")
-    truncated_alerts: int = Field(default=0, ge=0, alias="truncatedAlerts")
+    truncated_alerts: int = Field(default=0, ge=0, le=2**31 - 1, alias="truncatedAlerts")
     group_labels: dict[str, str] = Field(default={}, alias="groupLabels")
     external_url: str = Field(default="", alias="externalURL")
     alerts: list[Alert]
+
+    @field_validator("group_key", mode="after")
+    @classmethod
+    def _storable_key(cls, value: str) -> str:
+        return _storable_text(value)
+
+
+def _storable_text(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
 
 
 def label_fingerprint(labels: dict[str, str]) -> str:

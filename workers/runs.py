@@ -174,7 +174,7 @@ def finish_step(conn: Connection, claim: Claim, outcome: Outcome, actor: str) ->
                lease_expires_at = NULL
          WHERE id = %s
         """,
-        (status, json.dumps(outcome.result), outcome.error, step_id),
+        (status, storable_json(outcome.result), clean_text(outcome.error), step_id),
     )
     message = f"step {claim.step['name']} {status}"
     if outcome.error:
@@ -265,7 +265,27 @@ def event(
             run_id,
             step_id,
             incident_id,
-            message,
-            json.dumps(data or {}, default=str),
+            clean_text(message),
+            storable_json(data or {}),
         ),
     )
+
+
+def clean_text(text: str | None) -> str | None:
+    """Text PostgreSQL can store: NUL becomes U+FFFD."""
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
+def storable_json(value: Any) -> str:
+    """JSON for a jsonb column: NUL in any string (output of a command, say) becomes U+FFFD."""
+    return json.dumps(_clean(value), default=str)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(item) for item in value]
+    return value

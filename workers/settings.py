@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -56,6 +57,17 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(value)
+        except Exception as exc:
+            raise ValueError(f"not a PostgreSQL connection URL: {exc}") from None
+        return value
+
     @field_validator("webhook_token", "webhook_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -65,8 +77,18 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Settings of this process, read once."""
-    return Settings()
+    """Settings of this process, read once; ConfigError names every bad variable."""
+    from workers.errors import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError([_problem(err) for err in exc.errors()]) from None
+
+
+def _problem(err: Any) -> str:
+    variable = "CARETAKER_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+    return f"{variable}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def read_env_secret(name: str) -> str:

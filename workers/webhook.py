@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from workers import dispatch, metrics
 from workers.config import get_config
 from workers.db import transaction
-from workers.errors import DatabaseUnavailable, PayloadError
+from workers.errors import DatabaseConflict, DatabaseUnavailable, PayloadError
 from workers.occurrences import Recorded, record_notification
 from workers.payloads import Notification
 from workers.settings import Settings, get_settings
@@ -53,10 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         started = time.perf_counter()
         try:
             recorded = await run_in_threadpool(_commit, notification)
-        except DatabaseUnavailable as exc:
-            metrics.WEBHOOK_REJECTED.labels("database_unavailable").inc()
+        except (DatabaseUnavailable, DatabaseConflict) as exc:
+            metrics.WEBHOOK_REJECTED.labels(
+                "database_unavailable" if isinstance(exc, DatabaseUnavailable) else "conflict"
+            ).inc()
             log.warning("notification not recorded, asking for a retry: %s", exc)
-            return _error(503, "database unavailable; retry later", {"Retry-After": "5"})
+            what = "unavailable" if isinstance(exc, DatabaseUnavailable) else "busy"
+            return _error(503, f"database {what}; retry later", {"Retry-After": "5"})
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         _count(notification, recorded)
 
@@ -127,6 +130,8 @@ def _parse(body: bytes) -> Notification:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PayloadError(f"malformed json: {exc}") from exc
+    except RecursionError as exc:
+        raise PayloadError("malformed json: nested too deeply") from exc
     if not isinstance(data, dict):
         raise PayloadError(f"payload must be a json object, got {type(data).__name__}")
     if "alerts" not in data:
