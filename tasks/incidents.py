@@ -18,7 +18,9 @@ from workers.settings import get_settings
 log = logging.getLogger(__name__)
 
 SEVERITIES = ("critical", "warning", "info")
-# Kept under the broker's visibility timeout, so a waiting retry is never delivered twice.
+# Retries wait 5 s, 10 s, 20 s... up to MAX_BACKOFF_S, kept under the broker's visibility
+# timeout so that a waiting retry is never delivered twice.
+FIRST_BACKOFF_S = 5
 MAX_BACKOFF_S = 120
 
 
@@ -94,7 +96,8 @@ def send_notification(self: Any, notification_id: int) -> str:
             )
         except NotifyError as exc:
             final = attempts > settings.notify_max_retries
-            _record_failure(conn, row, attempts, str(exc), final)
+            backoff_s = min(FIRST_BACKOFF_S * 2 ** (attempts - 1), MAX_BACKOFF_S)
+            _record_failure(conn, row, attempts, str(exc), final, backoff_s)
             if final:
                 log.error("notification failed notification_id=%s error=%s", row["id"], exc)
                 return "failed"
@@ -113,14 +116,18 @@ def send_notification(self: Any, notification_id: int) -> str:
                 incident_id=row["incident_id"],
             )
             return "sent"
-    raise self.retry(exc=error, countdown=min(2**attempts, MAX_BACKOFF_S))
+    raise self.retry(exc=error, countdown=backoff_s)
 
 
-def _record_failure(conn: Connection, row: Any, attempts: int, error: str, final: bool) -> None:
+def _record_failure(
+    conn: Connection, row: Any, attempts: int, error: str, final: bool, backoff_s: float
+) -> None:
+    # dispatched_at is set to when the retry is due, so the sweeper's grace starts from there
+    # and it does not send a second copy beside the scheduled retry.
     conn.execute(
         "UPDATE notifications SET attempts = %s, error = %s, status = %s,"
-        " dispatched_at = now() WHERE id = %s",
-        (attempts, error, "failed" if final else "pending", row["id"]),
+        " dispatched_at = now() + make_interval(secs => %s) WHERE id = %s",
+        (attempts, error, "failed" if final else "pending", backoff_s, row["id"]),
     )
     if final:
         event(

@@ -5,17 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis
 from pydantic import Field
 
 from tasks.checks import CheckResult, Params, Status, grade, timed, worst
 from workers.app import QUEUES, app
 from workers.db import transaction
-from workers.errors import DatabaseUnavailable
-from workers.settings import get_settings
-
-# Celery's Redis transport keeps a queue's prioritised messages in these extra lists.
-PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+from workers.dispatch import queue_depths
+from workers.errors import BrokerUnavailable, DatabaseUnavailable
 
 
 class QueuesParams(Params):
@@ -48,24 +44,11 @@ def _depths(
     params: QueuesParams, details: dict[str, Any], statuses: list[Status], problems: list[str]
 ) -> None:
     try:
-        client = redis.Redis.from_url(
-            get_settings().broker_url,
-            socket_timeout=params.timeout_s,
-            socket_connect_timeout=params.timeout_s,
-        )
-        with client.pipeline() as pipe:
-            for queue in params.queues:
-                for suffix in PRIORITY_SUFFIXES:
-                    pipe.llen(queue + suffix)
-            lengths = pipe.execute()
-    except redis.RedisError as exc:
+        depths = queue_depths(params.queues, params.timeout_s)
+    except BrokerUnavailable as exc:
         statuses.append("critical")
-        problems.append(f"broker unreachable: {exc}")
+        problems.append(str(exc))
         return
-    step = len(PRIORITY_SUFFIXES)
-    depths = {
-        queue: sum(lengths[i * step : (i + 1) * step]) for i, queue in enumerate(params.queues)
-    }
     details["depths"] = depths
     for queue, depth in depths.items():
         status = grade(depth, params.depth_warning, params.depth_critical)

@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass, field
 
 from workers import dispatch, runs
-from workers.app import app
+from workers.app import QUEUES, STEP_QUEUES, app
 from workers.db import Connection, transaction
+from workers.errors import BrokerUnavailable
 from workers.runs import Claim, Outcome, StepRef
 from workers.settings import get_settings
 
@@ -26,10 +27,10 @@ class Sweep:
     expired: int = 0
 
 
-def find_lost_work(conn: Connection, grace_s: float) -> Sweep:
-    """Claim for re-dispatch everything recorded but not started within grace_s."""
-    sweep = Sweep()
+def find_lost_work(conn: Connection, graces_s: dict[str, float]) -> Sweep:
+    """Claim for re-dispatch what was recorded but not started within its queue's grace."""
     # SKIP LOCKED keeps two sweepers (or a sweeper and a busy worker) off the same rows.
+    sweep = Sweep()
     sweep.occurrences = [
         row["id"]
         for row in conn.execute(
@@ -42,24 +43,12 @@ def find_lost_work(conn: Connection, grace_s: float) -> Sweep:
                        ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
         RETURNING id
         """,
-            {"grace": grace_s, "batch": BATCH},
-        ).fetchall()
+            {"grace": graces_s["alerts"], "batch": BATCH},
+        )
     ]
-    sweep.steps = [
-        StepRef(row["id"], row["kind"], float(row["spec"]["timeout_s"]))
-        for row in conn.execute(
-            """
-        UPDATE steps SET dispatched_at = now()
-         WHERE id IN (SELECT s.id FROM steps s JOIN runs r ON r.id = s.run_id
-                       WHERE s.status = 'pending' AND r.status = 'running'
-                         AND s.dispatched_at IS NOT NULL
-                         AND s.dispatched_at < now() - make_interval(secs => %(grace)s)
-                       ORDER BY s.id LIMIT %(batch)s FOR UPDATE OF s SKIP LOCKED)
-        RETURNING id, kind, spec
-        """,
-            {"grace": grace_s, "batch": BATCH},
-        ).fetchall()
-    ]
+    for queue in sorted(set(STEP_QUEUES.values())):
+        kinds = [kind for kind, q in STEP_QUEUES.items() if q == queue]
+        sweep.steps += _lost_steps(conn, kinds, graces_s[queue])
     sweep.notifications = [
         row["id"]
         for row in conn.execute(
@@ -71,10 +60,40 @@ def find_lost_work(conn: Connection, grace_s: float) -> Sweep:
                        ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
         RETURNING id
         """,
-            {"grace": grace_s, "batch": BATCH},
-        ).fetchall()
+            {"grace": graces_s["incidents"], "batch": BATCH},
+        )
     ]
     return sweep
+
+
+def _lost_steps(conn: Connection, kinds: list[str], grace_s: float) -> list[StepRef]:
+    rows = conn.execute(
+        """
+        UPDATE steps SET dispatched_at = now()
+         WHERE id IN (SELECT s.id FROM steps s JOIN runs r ON r.id = s.run_id
+                       WHERE s.status = 'pending' AND r.status = 'running'
+                         AND s.kind = ANY(%(kinds)s) AND s.dispatched_at IS NOT NULL
+                         AND s.dispatched_at < now() - make_interval(secs => %(grace)s)
+                       ORDER BY s.id LIMIT %(batch)s FOR UPDATE OF s SKIP LOCKED)
+        RETURNING id, kind, spec
+        """,
+        {"kinds": kinds, "grace": grace_s, "batch": BATCH},
+    ).fetchall()
+    return [StepRef(row["id"], row["kind"], float(row["spec"]["timeout_s"])) for row in rows]
+
+
+def graces(grace_s: float, visibility_timeout_s: float) -> dict[str, float]:
+    """Per queue, how long work may wait before it counts as lost.
+
+    Work in a queue that still holds messages may just be waiting its turn: it counts as lost
+    only after the broker's visibility timeout. An empty queue has lost whatever it should
+    hold, so grace_s applies.
+    """
+    try:
+        depths = dispatch.queue_depths(list(QUEUES))
+    except BrokerUnavailable:
+        depths = {}
+    return {queue: visibility_timeout_s if depths.get(queue) else grace_s for queue in QUEUES}
 
 
 def expire_leases(conn: Connection) -> list[StepRef]:
@@ -140,9 +159,10 @@ def heartbeat(conn: Connection, name: str) -> None:
 def sweep_lost_work() -> dict[str, int]:
     """Re-dispatch lost work. Idempotent: duplicates of a step or routing are no-ops.
     Not retried: the next beat tick sweeps again."""
-    grace_s = get_settings().dispatch_grace_s
+    settings = get_settings()
+    graces_s = graces(settings.dispatch_grace_s, settings.visibility_timeout_s)
     with transaction() as conn:
-        sweep = find_lost_work(conn, grace_s)
+        sweep = find_lost_work(conn, graces_s)
         sweep.steps.extend(expire_leases(conn))
         heartbeat(conn, "sweeper")
 
@@ -156,6 +176,7 @@ def sweep_lost_work() -> dict[str, int]:
     }
     if any(counts.values()):
         log.warning(
-            "sweeper re-dispatched lost work %s", " ".join(f"{k}={v}" for k, v in counts.items())
+            "sweeper re-dispatched work not started in time %s",
+            " ".join(f"{k}={v}" for k, v in counts.items()),
         )
     return counts

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import psycopg
 import pytest
 import redis
@@ -223,7 +224,15 @@ def db(database: str, broker: redis.Redis) -> Iterator[psycopg.Connection[dict[s
 
     broker.flushdb()
     with psycopg.connect(database, autocommit=True, row_factory=dict_row) as conn:
-        conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        # A worker of an earlier module may still be finishing a task on these tables.
+        for attempt in range(5):
+            try:
+                conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
         yield conn
 
 
@@ -257,11 +266,15 @@ def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[byte
     if process.poll() is not None:
         pytest.fail(f"celery worker exited:\n{log_path.read_text()[-3000:]}", pytrace=False)
     yield process
+    children = psutil.Process(process.pid).children(recursive=True)
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+    # The pool's processes must be gone too before the next module empties the tables.
+    for child in psutil.wait_procs(children, timeout=10)[1]:
+        child.kill()
 
 
 class NotifySink:

@@ -162,3 +162,29 @@ def test_an_alert_lacking_a_label_the_runbook_needs_is_escalated_not_run(db: Con
     assert step is not None
     assert step["params"]["reason"].startswith("runbook service-down cannot run for this alert: ")
     assert "step restart: the alert has no labels.port" in step["params"]["reason"]
+
+
+def test_sweeper_waits_longer_for_work_in_a_queue_that_is_still_busy(
+    db: Conn, broker: redis.Redis
+) -> None:
+    with transaction() as conn:
+        payload = Notification.model_validate(notification(alert(fingerprint="q")))
+        record_notification(conn, payload, get_config())
+    db.execute("UPDATE occurrences SET received_at = now() - interval '30 seconds'")
+    broker.lpush("alerts", b"another message still waiting its turn")
+
+    busy = sweep_lost_work()
+    broker.delete("alerts")
+    idle = sweep_lost_work()
+
+    # 30 s is past the grace (1 s in the tests) but within the visibility timeout (300 s).
+    assert (busy["occurrences"], idle["occurrences"]) == (0, 1)
+
+
+def test_a_result_with_a_nul_byte_is_stored(db: Conn) -> None:
+    first = routed_run(service_alert("n1", "1"))
+
+    finish(claim(first), Outcome(ok=False, result={"stdout": "a\x00b"}, error="exit\x001"))
+
+    row = db.execute("SELECT result, error FROM steps WHERE id = %s", (first.id,)).fetchone()
+    assert row == {"result": {"stdout": "a\ufffdb"}, "error": "exit\ufffd1"}

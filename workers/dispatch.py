@@ -6,11 +6,13 @@ import logging
 import time
 from typing import Any
 
+import redis
 from kombu.exceptions import OperationalError
 
 from workers.app import STEP_QUEUES, app
 from workers.errors import BrokerUnavailable
 from workers.runs import StepRef
+from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +97,26 @@ def redact_url(url: str) -> str:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{location}" if user else f"{scheme}{sep}***@{location}"
+
+
+# Celery's Redis transport keeps a queue's prioritised messages in these extra lists.
+PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def queue_depths(queues: list[str], timeout_s: float = 3.0) -> dict[str, int]:
+    """Messages waiting in each queue on the Redis broker; BrokerUnavailable if unreadable."""
+    client = redis.Redis.from_url(
+        get_settings().broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        with client.pipeline() as pipe:
+            for queue in queues:
+                for suffix in PRIORITY_SUFFIXES:
+                    pipe.llen(queue + suffix)
+            lengths = pipe.execute()
+    except redis.RedisError as exc:
+        raise BrokerUnavailable(f"cannot read queue depths: {exc}") from exc
+    finally:
+        client.close()
+    step = len(PRIORITY_SUFFIXES)
+    return {queue: sum(lengths[i * step : (i + 1) * step]) for i, queue in enumerate(queues)}

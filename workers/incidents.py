@@ -52,9 +52,11 @@ def escalate(
     ).fetchone()
     assert row is not None
     incident_id, opened = row["id"], row["opened"]
+    # A run's occurrence is linked through the run. Its row is not touched here: the webhook
+    # locks occurrences before runs, and a worker holding the run must not wait for it.
     if run_id is not None:
         conn.execute("UPDATE runs SET incident_id = %s WHERE id = %s", (incident_id, run_id))
-    if occurrence_id is not None:
+    elif occurrence_id is not None:
         conn.execute(
             "UPDATE occurrences SET incident_id = %s WHERE id = %s", (incident_id, occurrence_id)
         )
@@ -130,7 +132,8 @@ def timeline(conn: Connection, incident_id: int) -> list[Row]:
         SELECT e.* FROM events e
          WHERE e.incident_id = %(id)s
             OR e.run_id IN (SELECT id FROM runs WHERE incident_id = %(id)s)
-            OR e.occurrence_id IN (SELECT id FROM occurrences WHERE incident_id = %(id)s)
+            OR e.occurrence_id IN (SELECT id FROM occurrences WHERE incident_id = %(id)s
+                                   UNION SELECT occurrence_id FROM runs WHERE incident_id = %(id)s)
          ORDER BY e.at, e.id
         """,
         {"id": incident_id},
@@ -141,9 +144,14 @@ def set_status(
     conn: Connection, incident_id: int, status: str, person: str, config: Config
 ) -> tuple[Row, list[int]]:
     """Acknowledge or resolve an incident on a person's word; return it and its notifications."""
-    current = get(conn, incident_id)
-    if current["status"] == "resolved":
-        raise Conflict(f"incident {incident_id} is already resolved")
+    # The row lock makes two people acting at once take turns; the second sees the first's act.
+    current = conn.execute(
+        "SELECT status FROM incidents WHERE id = %s FOR UPDATE", (incident_id,)
+    ).fetchone()
+    if current is None:
+        raise NotFound(f"no incident with id {incident_id}")
+    if current["status"] == "resolved" or current["status"] == status:
+        raise Conflict(f"incident {incident_id} is already {current['status']}")
     column = "acknowledged" if status == "acknowledged" else "resolved"
     row = conn.execute(
         f"UPDATE incidents SET status = %s, {column}_at = now(), {column}_by = %s,"

@@ -69,6 +69,7 @@ class StoredMetrics(Collector):
         yield from _check_families(readings["checks"])
         yield from _run_families(readings["runs"], readings["steps"])
         yield from _heartbeat_families(readings["heartbeats"])
+        yield _notification_family(readings["notifications"])
 
 
 def _read(conn: Connection, names: list[str]) -> dict[str, list[Row]]:
@@ -83,6 +84,9 @@ def _read(conn: Connection, names: list[str]) -> dict[str, list[Row]]:
                    coalesce(sum(extract(epoch FROM finished_at - started_at)), 0) AS seconds
               FROM steps WHERE status IN ('succeeded', 'failed') GROUP BY kind, status
             """
+        ).fetchall(),
+        "notifications": conn.execute(
+            "SELECT channel, status, count(*) AS n FROM notifications GROUP BY channel, status"
         ).fetchall(),
         "heartbeats": conn.execute(
             "SELECT name, extract(epoch FROM at) AS at FROM heartbeats"
@@ -149,3 +153,14 @@ def _heartbeat_families(rows: list[Row]) -> Iterator[Metric]:
     for row in rows:
         family.add_metric([row["name"]], float(row["at"]))
     yield family
+
+
+def _notification_family(rows: list[Row]) -> Metric:
+    family = GaugeMetricFamily(
+        "caretaker_notifications",
+        "Stored notifications by channel and status (pending, sent, failed).",
+        labels=["channel", "status"],
+    )
+    for row in rows:
+        family.add_metric([row["channel"], row["status"]], row["n"])
+    return family

@@ -85,7 +85,15 @@ def _insert_step(
         INSERT INTO steps (run_id, position, name, kind, action, params, spec, status)
         VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending')
         """,
-        (run_id, position, step.name, step.kind, step.action, json.dumps(params), json.dumps(spec)),
+        (
+            run_id,
+            position,
+            step.name,
+            step.kind,
+            step.action,
+            storable_json(params),
+            storable_json(spec),
+        ),
     )
 
 

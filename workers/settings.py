@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     db_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     notify_timeout_s: float = Field(default=10.0, gt=0)
-    notify_max_retries: int = Field(default=5, ge=0)
+    # With backoff up to 120 s, ten retries keep trying for about 13 minutes.
+    notify_max_retries: int = Field(default=10, ge=0)
 
     flower_port: int = Field(default=5555, ge=1, le=65535)
     flower_user: str = "admin"
