@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import psutil
 import psycopg
+import pytest
 
 from tests.conftest import STATE_DIR, Processes, alert, free_port, notification, wait_for
+from workers import cli
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -58,3 +64,103 @@ def test_run_takes_an_alert_to_an_incident_and_stops_cleanly(
     main.wait(timeout=60)
     _, alive = psutil.wait_procs(children, timeout=30)
     assert alive == []
+    assert main.returncode == 0
+    log = main.log_path.read_text()  # type: ignore[attr-defined]
+    assert f"caretaker ready: webhook on {url}/api/v1/alerts\n" in log
+    assert log.count("caretaker ready:") == 1
+    assert "Traceback" not in log
+    for name in ("webhook", "worker", "beat"):
+        assert f"INFO caretaker {name} stopped " in log
+
+
+STUBBORN = (
+    "import signal, subprocess, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+    "time.sleep(120)\n"
+)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_that_dies_is_named_and_a_stubborn_one_killed_with_its_group(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cli, "SHUTDOWN_GRACE_S", 1.0)
+    caplog.set_level(logging.INFO, logger="caretaker")
+    children = {
+        "webhook": cli._start(python("import time; time.sleep(120)")),
+        "worker": cli._start(python(STUBBORN)),
+        "beat": cli._start(python("import time; time.sleep(1); raise SystemExit(3)")),
+    }
+    wait_for(lambda: psutil.Process(children["worker"].pid).children(), what="SIGTERM ignored")
+    grandchild = psutil.Process(children["worker"].pid).children()[0]
+
+    code = cli._supervise(children, "127.0.0.1", free_port(), [])
+
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert (
+        errors[0]
+        == f"beat exited on its own code=3 pid={children['beat'].pid}; stopping the others"
+    )
+    assert errors[1] == (
+        f"killing worker pid={children['worker'].pid}: still running 1s after SIGTERM"
+    )
+    assert len(errors) == 2
+    assert [child.returncode for child in children.values()] == [
+        -signal.SIGTERM,
+        -signal.SIGKILL,
+        3,
+    ]
+    psutil.wait_procs([grandchild], timeout=5)
+    assert not grandchild.is_running()
+
+
+def test_a_signal_stops_the_children_and_a_second_one_kills_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="caretaker")
+    children = {
+        "webhook": cli._start(python("import time; time.sleep(120)")),
+        "worker": cli._start(python(STUBBORN)),
+    }
+    wait_for(lambda: psutil.Process(children["worker"].pid).children(), what="SIGTERM ignored")
+    received: list[int] = [signal.SIGINT]
+    threading.Timer(1.0, received.append, [signal.SIGINT]).start()
+    started = time.monotonic()
+
+    code = cli._supervise(children, "127.0.0.1", free_port(), received)
+
+    assert code == 1
+    assert time.monotonic() - started < 10  # far less than the grace
+    assert caplog.records[0].getMessage().startswith("stopping on signal=SIGINT; ")
+    killed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert killed == [f"killing worker pid={children['worker'].pid}: told again to stop"]
+
+
+def test_ready_is_said_once_when_healthz_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    children = {"webhook": cli._start(python("import time; time.sleep(120)"))}
+    received: list[int] = []
+    threading.Timer(2.0, received.append, [signal.SIGTERM]).start()
+
+    code = cli._supervise(children, "0.0.0.0", port, received)
+    server.shutdown()
+
+    assert code == 0
+    assert capsys.readouterr().out == (
+        f"caretaker ready: webhook on http://127.0.0.1:{port}/api/v1/alerts\n"
+    )

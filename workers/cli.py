@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import psycopg
@@ -37,9 +38,9 @@ POSTGRES_UNREACHABLE = (
 )
 POSTGRES_REFUSED = (
     "PostgreSQL at {url} refused the connection: {error}\n"
-    "  Create the role, as the postgres user:  sudo -u postgres createuser --createdb {role}\n"
-    "  or let the role create databases:       sudo -u postgres psql -c 'ALTER ROLE \"{role}\""
-    " CREATEDB'\n"
+    "  Create the role (as the postgres user): sudo -u postgres createuser --createdb {role}\n"
+    "  or let an existing role create databases: "
+    'sudo -u postgres psql -c "ALTER ROLE {role} CREATEDB"\n'
     "  or point caretaker at another role: export CARETAKER_DATABASE_URL=postgresql://user@host/db"
 )
 # Only a server that answered says these: about the role, its password or its rights.
@@ -145,9 +146,9 @@ def _supervise(
     else:
         child = children[exited]
         log.error(
-            "%s exited on its own code=%s pid=%s; stopping the others",
+            "%s exited on its own %s pid=%s; stopping the others",
             exited,
-            child.returncode,
+            _exit_status(child.returncode),
             child.pid,
         )
 
@@ -181,7 +182,8 @@ def _answers(url: str) -> bool:
     import httpx
 
     try:
-        return httpx.get(url, timeout=READY_PROBE_TIMEOUT_S).status_code == 200
+        # Our own webhook on this host: never through a proxy from the environment.
+        return httpx.get(url, timeout=READY_PROBE_TIMEOUT_S, trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -195,16 +197,15 @@ def _stop(children: dict[str, subprocess.Popen[bytes]], received: list[int]) -> 
     signals_seen = len(received)
     deadline = time.monotonic() + SHUTDOWN_GRACE_S
     while _running(children) and time.monotonic() < deadline and len(received) == signals_seen:
-        time.sleep(0.1)
+        time.sleep(SUPERVISE_POLL_S)
 
     survivors = _running(children)
+    if len(received) > signals_seen:
+        why = "told again to stop"
+    else:
+        why = f"still running {SHUTDOWN_GRACE_S:.0f}s after SIGTERM"
     for name in survivors:
-        log.error(
-            "killing %s pid=%s: still running %.0fs after SIGTERM or told again to stop",
-            name,
-            children[name].pid,
-            SHUTDOWN_GRACE_S,
-        )
+        log.error("killing %s pid=%s: %s", name, children[name].pid, why)
         _kill_group(children[name])
     for name, child in children.items():
         _reap(name, child)
@@ -229,7 +230,16 @@ def _reap(name: str, child: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         log.error("%s pid=%s did not exit even after SIGKILL", name, child.pid)
         return
-    log.info("%s stopped code=%s", name, code)
+    log.info("%s stopped %s", name, _exit_status(code))
+
+
+def _exit_status(code: int) -> str:
+    if code >= 0:
+        return f"code={code}"
+    try:
+        return f"signal={signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal={-code}"
 
 
 def _prepare() -> None:
@@ -250,8 +260,16 @@ def _prepare() -> None:
 def postgres_help(url: str, error: str) -> str:
     """What to do about a database that cannot be used: refused by the server, or unreachable."""
     if not any(mark in error.lower() for mark in SERVER_ANSWERED_MARKS):
-        return POSTGRES_UNREACHABLE.format(url=redact(url), error=error)
-    return POSTGRES_REFUSED.format(url=redact(url), error=error, role=_role(url))
+        return POSTGRES_UNREACHABLE.format(url=_shown_url(url), error=error)
+    return POSTGRES_REFUSED.format(url=_shown_url(url), error=error, role=_role(url))
+
+
+def _shown_url(url: str) -> str:
+    # The URL as the user wrote it, unless it carries a password: then without it.
+    parts = urlsplit(url)
+    if parts.scheme and parts.password is None and "password" not in parts.query:
+        return url
+    return redact(url)
 
 
 def _role(url: str) -> str:
@@ -263,8 +281,8 @@ def _role(url: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).strip().splitlines()[:1]).strip()
-    return " ".join(text.split()) or type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(exc).__name__
 
 
 @cli.command()
@@ -396,13 +414,19 @@ def dispatch(task: str, args: tuple[str, ...], wait: bool, timeout_s: float) -> 
         known = "\n  ".join(sorted(t for t in app.tasks if t.startswith("caretaker.")))
         raise click.ClickException(f"unknown task {task!r}; known tasks:\n  {known}")
     kwargs = _parse_args(args)
+    # Asked first: with the broker down, Celery's result backend retries for seconds and then
+    # fails with a traceback of its own.
+    url = redact_url(get_settings().broker_url)
+    broker = ping_broker()
+    if broker != "ok":
+        raise click.ClickException(f"cannot send {task}: {broker} (broker {url})")
     # The app stores no results unless asked; --wait reads this one from the result backend.
     options = {"ignore_result": False} if wait else {}
     try:
         result = app.tasks[task].apply_async(kwargs=kwargs, **options)
     except OperationalError as exc:
-        url = redact_url(get_settings().broker_url)
-        raise click.ClickException(f"cannot send {task}: broker unreachable at {url}: {exc}")
+        message = f"cannot send {task}: broker unreachable: {exc} (broker {url})"
+        raise click.ClickException(message) from exc
     click.echo(f"dispatched {task} id={result.id}")
     if wait:
         click.echo(json.dumps(_result_of(result, timeout_s), indent=2, default=str))
@@ -416,8 +440,7 @@ def _result_of(result: Any, timeout_s: float) -> Any:
         value = result.get(timeout=timeout_s, propagate=False)
     except ResultTimeout as exc:
         raise click.ClickException(
-            f"no result within {timeout_s:g}s; the task is still queued or running"
-            f" (id={result.id})"
+            f"no result within {timeout_s:g}s; the task is still queued or running (id={result.id})"
         ) from exc
     if result.failed() or isinstance(value, BaseException):
         message = "; ".join(line.strip() for line in str(value).splitlines() if line.strip())

@@ -10,10 +10,14 @@ from workers.config import get_config
 from workers.db import Row, transaction
 from workers.errors import NotFound
 
+# Every status a run can have, as the runs table allows them.
+RUN_STATUSES = ("running", "waiting", "recovered", "escalated", "failed", "cancelled")
+
 
 def _plain(row: Row) -> dict[str, Any]:
+    # Times are stored in UTC and shown in UTC, whatever the session's time zone.
     return {
-        key: (value.isoformat() if isinstance(value, datetime) else value)
+        key: (value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value)
         for key, value in row.items()
     }
 
@@ -95,10 +99,13 @@ def run_detail(run_id: int) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Rows as an aligned text table."""
+    """Rows as an aligned text table; columns named *_at are shown as UTC times."""
     if not rows:
         return "(none)"
-    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    cells = [
+        [_when(row.get(c)) if c.endswith("_at") else _cell(row.get(c)) for c in columns]
+        for row in rows
+    ]
     widths = [
         max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)
     ]
@@ -111,28 +118,49 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if isinstance(value, str) and len(text) >= 19 and text[10] == "T":
-        text = text[:19].replace("T", " ")
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _when(value: str | None) -> str:
+    """A stored time (ISO 8601) as "YYYY-MM-DD HH:MM:SS UTC"; "-" when unset."""
+    if value is None:
+        return "-"
+    return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _took(started_at: str | None, finished_at: str | None) -> str:
+    """Seconds from start to finish, as "12.34s"; "-" unless both are known."""
+    if started_at is None or finished_at is None:
+        return "-"
+    elapsed = datetime.fromisoformat(finished_at) - datetime.fromisoformat(started_at)
+    return f"{elapsed.total_seconds():.2f}s"
 
 
 def render_incident(detail: dict[str, Any]) -> str:
     lines = [
         f"incident {detail['id']}: {detail['title']}",
         f"  status {detail['status']}, severity {detail['severity']}, "
-        f"opened {_cell(detail['opened_at'])}",
-        f"  labels {detail['labels']}",
+        f"opened {_when(detail['opened_at'])}",
     ]
+    for what in ("acknowledged", "resolved"):
+        if detail.get(f"{what}_at"):
+            lines.append(
+                f"  {what} {_when(detail[f'{what}_at'])} by {detail.get(f'{what}_by') or '-'}"
+            )
+    lines.append(f"  labels {detail['labels']}")
     if detail["truncated_alerts"]:
         lines.append(
             f"  alertmanager dropped {detail['truncated_alerts']} alerts from the group:"
             " this is not everything"
         )
     for run in detail["runs"]:
-        lines.append(f"  run {run['id']} ({run['runbook']}): {run['status']}")
+        lines.append(
+            f"  run {run['id']} ({run['runbook']}): {run['status']}, started"
+            f" {_when(run['created_at'])}, took {_took(run['created_at'], run['finished_at'])}"
+        )
     lines.append("timeline:")
     lines += [
-        f"  {_cell(e['at'])}  {e['kind']:<22} {e['actor']:<16} {e['message']}"
+        f"  {_when(e['at'])}  {e['kind']:<22} {e['actor']:<16} {e['message']}"
         for e in detail["timeline"]
     ]
     return "\n".join(lines)
@@ -141,15 +169,30 @@ def render_incident(detail: dict[str, Any]) -> str:
 def render_run(detail: dict[str, Any]) -> str:
     lines = [
         f"run {detail['id']} ({detail['runbook']}): {detail['status']}",
+        f"  started {_when(detail['created_at'])}, finished {_when(detail['finished_at'])}",
         f"  occurrence {detail['occurrence'].get('id')} labels "
         f"{detail['occurrence'].get('labels')}",
     ]
-    for step in detail["steps"]:
-        summary = (step["result"] or {}).get("summary") or step["error"] or ""
-        lines.append(
-            f"  {step['position']}. {step['name']:<16} {step['kind']:<9} "
-            f"{step['status']:<10} {summary}"
-        )
+    lines += [_step_line(step) for step in detail["steps"]]
     lines.append("events:")
-    lines += [f"  {_cell(e['at'])}  {e['kind']:<22} {e['message']}" for e in detail["events"]]
+    lines += [f"  {_when(e['at'])}  {e['kind']:<22} {e['message']}" for e in detail["events"]]
     return "\n".join(lines)
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    result = step["result"] or {}
+    summary = result.get("summary") or step["error"] or ""
+    took = _took(step["started_at"], step["finished_at"])
+    line = (
+        f"  {step['position']}. {step['name']:<16} {step['kind']:<9} {step['status']:<10} {took:>8}"
+    )
+    if step["kind"] == "recover" and result:
+        line += f"  {_command_outcome(result)}"
+    return f"{line}  {summary}".rstrip()
+
+
+def _command_outcome(result: dict[str, Any]) -> str:
+    if result.get("timed_out"):
+        return "timed out"
+    exit_code = result.get("exit_code")
+    return "did not start" if exit_code is None else f"exit {exit_code}"
