@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import STATE_DIR, Processes, alert, free_port, notification, wait_for
-from workers import cli
+from workers import supervisor
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -88,17 +88,17 @@ def python(code: str) -> list[str]:
 def test_a_child_that_dies_is_named_and_a_stubborn_one_killed_with_its_group(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(cli, "SHUTDOWN_GRACE_S", 1.0)
+    monkeypatch.setattr(supervisor, "SHUTDOWN_GRACE_S", 1.0)
     caplog.set_level(logging.INFO, logger="caretaker")
     children = {
-        "webhook": cli._start(python("import time; time.sleep(120)")),
-        "worker": cli._start(python(STUBBORN)),
-        "beat": cli._start(python("import time; time.sleep(1); raise SystemExit(3)")),
+        "webhook": supervisor.start(python("import time; time.sleep(120)")),
+        "worker": supervisor.start(python(STUBBORN)),
+        "beat": supervisor.start(python("import time; time.sleep(1); raise SystemExit(3)")),
     }
     wait_for(lambda: psutil.Process(children["worker"].pid).children(), what="SIGTERM ignored")
     grandchild = psutil.Process(children["worker"].pid).children()[0]
 
-    code = cli._supervise(children, "127.0.0.1", free_port(), [])
+    code = supervisor.supervise(children, "127.0.0.1", free_port(), [])
 
     assert code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -124,15 +124,15 @@ def test_a_signal_stops_the_children_and_a_second_one_kills_at_once(
 ) -> None:
     caplog.set_level(logging.INFO, logger="caretaker")
     children = {
-        "webhook": cli._start(python("import time; time.sleep(120)")),
-        "worker": cli._start(python(STUBBORN)),
+        "webhook": supervisor.start(python("import time; time.sleep(120)")),
+        "worker": supervisor.start(python(STUBBORN)),
     }
     wait_for(lambda: psutil.Process(children["worker"].pid).children(), what="SIGTERM ignored")
     received: list[int] = [signal.SIGINT]
     threading.Timer(1.0, received.append, [signal.SIGINT]).start()
     started = time.monotonic()
 
-    code = cli._supervise(children, "127.0.0.1", free_port(), received)
+    code = supervisor.supervise(children, "127.0.0.1", free_port(), received)
 
     assert code == 1
     assert time.monotonic() - started < 10  # far less than the grace
@@ -153,11 +153,11 @@ def test_ready_is_said_once_when_healthz_answers(capsys: pytest.CaptureFixture[s
     server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    children = {"webhook": cli._start(python("import time; time.sleep(120)"))}
+    children = {"webhook": supervisor.start(python("import time; time.sleep(120)"))}
     received: list[int] = []
     threading.Timer(2.0, received.append, [signal.SIGTERM]).start()
 
-    code = cli._supervise(children, "0.0.0.0", port, received)
+    code = supervisor.supervise(children, "0.0.0.0", port, received)
     server.shutdown()
 
     assert code == 0
