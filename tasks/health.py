@@ -3,46 +3,59 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
+
+import redis
 
 from tasks.actions import run_check
 from tasks.sweeper import heartbeat
 from workers import dispatch, health, reports
 from workers.app import app
-from workers.config import get_config
+from workers.config import CheckTarget, Config, get_config
 from workers.db import transaction
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-# Seconds a round's checks may wait in the queue before they are stale and dropped.
-CHECK_EXPIRES_S = 300
+
+# A round's checks run side by side in threads: they wait on the network, and a target that
+# hangs holds one thread until its own deadline, not a worker process or the rest of the round.
+ROUND_THREADS = 16
+# Seconds a round may hold its lock: past this a stuck round no longer blocks the next one.
+ROUND_LOCK_S = 600
 
 
 @app.task(name="caretaker.health.run_round", acks_late=True, reject_on_worker_lost=True)
 def run_round() -> int:
-    """Send one check of every configured target to the `checks` queue, and prune history.
-    Idempotent (an extra round is one more result per target); not retried."""
+    """Check every configured target, side by side, and record the results; close the
+    episodes of targets no longer configured; prune history. Skipped while the previous round
+    still runs, so slow targets never pile rounds up. Idempotent; not retried."""
     settings = get_settings()
-    targets = get_config().checks.targets()
-    for _, target in targets:
-        dispatch.send(
-            CHECK_TARGET,
-            [target.name],
-            expires=min(settings.health_interval_s * 2, CHECK_EXPIRES_S),
-        )
-    with transaction() as conn:
-        pruned = health.prune_history(conn, settings.check_history_days)
-        heartbeat(conn, "health_round")
-    log.info("health round sent targets=%d pruned=%d", len(targets), pruned)
+    config = get_config()
+    targets = config.checks.targets()
+    lock = redis.Redis.from_url(settings.broker_url).lock(
+        "caretaker:health-round", timeout=ROUND_LOCK_S, blocking=False
+    )
+    if not lock.acquire():
+        log.warning("health round skipped: the previous round is still running")
+        return 0
+    try:
+        with ThreadPoolExecutor(ROUND_THREADS, thread_name_prefix="round") as pool:
+            list(pool.map(lambda found: _check_and_record(found[0], found[1], config), targets))
+        with transaction() as conn:
+            closed = health.close_removed(conn, [t.name for _, t in targets], config)
+            pruned = health.prune_history(conn, settings.check_history_days)
+            heartbeat(conn, "health_round")
+    finally:
+        lock.release()
+    dispatch.try_send("notifications", dispatch.send_notifications, closed)
+    log.info("health round done targets=%d pruned=%d", len(targets), pruned)
     return len(targets)
 
 
-CHECK_TARGET = "caretaker.health.check_target"
-
-
-@app.task(name=CHECK_TARGET, acks_late=True, reject_on_worker_lost=True)
+@app.task(name="caretaker.health.check_target", acks_late=True, reject_on_worker_lost=True)
 def check_target(name: str) -> dict[str, Any]:
     """Check one configured target and record the result; open, escalate or close its episode.
     Read-only towards the target. A duplicate adds one history row; not retried."""
@@ -51,8 +64,10 @@ def check_target(name: str) -> dict[str, Any]:
     if found is None:
         log.warning("check of an unknown target name=%s", name)
         return {"status": "unknown", "summary": f"no target named {name!r} in the configuration"}
-    group, target = found
+    return _check_and_record(*found, config)
 
+
+def _check_and_record(group: str, target: CheckTarget, config: Config) -> dict[str, Any]:
     result = run_check(target.action, target.params).model_dump()
     with transaction() as conn:
         recorded = health.record_result(conn, group, target, result, config)

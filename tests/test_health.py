@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import psycopg
+import redis
 
 from tasks.alerts import route_one
 from tests.conftest import HEALTH_PORT
@@ -146,3 +147,34 @@ def test_config_without_checks_still_checks_the_host() -> None:
     assert [(g, t.name, t.check) for g, t in Config().checks.targets()] == [
         ("host", "system", "system")
     ]
+
+
+def test_a_round_checks_every_target_and_closes_removed_ones(db: Conn, broker: redis.Redis) -> None:
+    from tasks.health import run_round
+
+    db.execute(
+        "INSERT INTO occurrences (source, fingerprint, starts_at, status, labels)"
+        " VALUES ('check', 'gone', now(), 'firing', '{\"severity\": \"warning\"}')"
+    )
+
+    checked = run_round.run()
+
+    assert checked == 2
+    rows = db.execute("SELECT target FROM check_results ORDER BY target").fetchall()
+    assert [r["target"] for r in rows] == ["system", "web"]
+    gone = db.execute("SELECT status FROM occurrences WHERE fingerprint = 'gone'").fetchone()
+    assert gone == {"status": "resolved"}
+    beat = db.execute("SELECT 1 AS ok FROM heartbeats WHERE name = 'health_round'").fetchone()
+    assert beat == {"ok": 1}
+
+
+def test_a_round_is_skipped_while_the_previous_one_runs(db: Conn, broker: redis.Redis) -> None:
+    from tasks.health import run_round
+
+    held = broker.lock("caretaker:health-round", timeout=30)
+    assert held.acquire(blocking=False)
+    try:
+        assert run_round.run() == 0
+    finally:
+        held.release()
+    assert db.execute("SELECT count(*) AS n FROM check_results").fetchone() == {"n": 0}

@@ -148,6 +148,22 @@ def _close(conn: Connection, episode: Row, target: CheckTarget, config: Config) 
     return Recorded(notification_ids=closing.notification_ids)
 
 
+def close_removed(conn: Connection, names: list[str], config: Config) -> list[int]:
+    """End the episodes of targets no longer configured; return notifications to send."""
+    closed = conn.execute(
+        """
+        UPDATE occurrences SET status = 'resolved', ends_at = now(), resolved_at = now()
+         WHERE source = %s AND status = 'firing' AND NOT (fingerprint = ANY(%s))
+        RETURNING id, fingerprint
+        """,
+        (SOURCE_CHECK, names),
+    ).fetchall()
+    if not closed:
+        return []
+    reason = "target removed from the configuration"
+    return close_occurrences(conn, SOURCE_CHECK, closed, reason, config).notification_ids
+
+
 def latest_results(conn: Connection, names: list[str]) -> list[Row]:
     """The latest stored result of each named target."""
     return conn.execute(
