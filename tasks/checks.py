@@ -251,10 +251,11 @@ def _processes(
 
 
 def grade(value: float, warning: float, critical: float) -> Status:
-    """critical at or over `critical`, warning at or over `warning`, else healthy."""
-    if value >= critical:
+    """critical over `critical`, warning over `warning`, else healthy: a threshold of 100
+    (percent) never fires."""
+    if value > critical:
         return "critical"
-    return "warning" if value >= warning else "healthy"
+    return "warning" if value > warning else "healthy"
 
 
 def timed(

@@ -206,8 +206,8 @@ def test_system_healthy_with_generous_thresholds() -> None:
     cpu, memory = result.details["cpu_pct"], result.details["memory_pct"]
     assert 0 <= cpu <= 100
     assert 0 < memory <= 100
-    # At a threshold of 100 only a fully busy CPU (other test runs on a small host) is critical.
-    assert result.status == ("critical" if cpu >= 100 else "healthy")
+    # A threshold of 100 never fires, however busy the CPU.
+    assert result.status == "healthy"
     assert result.summary == f"cpu {cpu:.0f}%, memory {memory:.0f}%"
     assert result.value == max(cpu, memory)
     assert 0 <= result.details["disks"]["/"]["used_pct"] < 100

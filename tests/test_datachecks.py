@@ -161,10 +161,13 @@ def test_connections_near_max_are_graded(
 ) -> None:
     held.extend(psycopg.connect(small_pg.dsn()) for _ in range(3))
 
-    default = check_postgres(PostgresParams(dsn=small_pg.dsn()))
-    strict = check_postgres(PostgresParams(dsn=small_pg.dsn(), connections_critical_pct=80))
+    # Thresholds fire above their value: 80% is healthy at the default 80, a warning below it.
+    at_default = check_postgres(PostgresParams(dsn=small_pg.dsn()))
+    default = check_postgres(PostgresParams(dsn=small_pg.dsn(), connections_warning_pct=79))
+    strict = check_postgres(PostgresParams(dsn=small_pg.dsn(), connections_critical_pct=79))
 
     # The check's own session is the fourth of five.
+    assert at_default.status == "healthy"
     assert default.status == "warning"
     assert default.value == 80.0
     assert default.details["connections"] == 4

@@ -11,7 +11,7 @@ import redis
 
 from tasks.alerts import route_one
 from tests.conftest import HEALTH_PORT
-from workers import health
+from workers import health, incidents
 from workers.config import CheckTarget, Config, get_config
 from workers.db import transaction
 
@@ -178,3 +178,22 @@ def test_a_round_is_skipped_while_the_previous_one_runs(db: Conn, broker: redis.
     finally:
         held.release()
     assert db.execute("SELECT count(*) AS n FROM check_results").fetchone() == {"n": 0}
+
+
+def test_a_warning_incident_turning_critical_is_raised(db: Conn) -> None:
+    with transaction() as conn:
+        for severity, title in (("warning", "slow"), ("critical", "down"), ("warning", "slow")):
+            health_incident = incidents.escalate(
+                conn,
+                source="check",
+                dedup_key="web",
+                severity=severity,
+                title=title,
+                labels={},
+                reason=title,
+                truncated_alerts=0,
+                config=get_config(),
+            )
+
+    row = db.execute("SELECT id, severity, title FROM incidents").fetchone()
+    assert row == {"id": health_incident.incident_id, "severity": "critical", "title": "down"}

@@ -11,6 +11,8 @@ from workers.errors import Conflict, NotFound
 from workers.runs import event
 
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved")
+# Gravest first.
+SEVERITY_ORDER = ("critical", "warning", "info")
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,25 @@ def escalate(
         VALUES (%s, %s, 'open', %s, %s, %s, %s)
         ON CONFLICT (source, dedup_key) WHERE status <> 'resolved' DO UPDATE
            SET updated_at = now(),
-               truncated_alerts = greatest(incidents.truncated_alerts, excluded.truncated_alerts)
+               truncated_alerts = greatest(incidents.truncated_alerts, excluded.truncated_alerts),
+               -- An escalation that is graver than the incident raises it, with its title.
+               title = CASE WHEN array_position(%s::text[], excluded.severity)
+                                 < array_position(%s::text[], incidents.severity)
+                            THEN excluded.title ELSE incidents.title END,
+               severity = CASE WHEN array_position(%s::text[], excluded.severity)
+                                    < array_position(%s::text[], incidents.severity)
+                               THEN excluded.severity ELSE incidents.severity END
         RETURNING id, (xmax = 0) AS opened
         """,
-        (source, dedup_key, severity, title, json.dumps(labels), truncated_alerts),
+        (
+            source,
+            dedup_key,
+            severity,
+            title,
+            json.dumps(labels),
+            truncated_alerts,
+            *[list(SEVERITY_ORDER)] * 4,
+        ),
     ).fetchone()
     assert row is not None
     incident_id, opened = row["id"], row["opened"]
