@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from tasks.checks import CheckResult, Params, Status, grade, timed, worst
+from tasks.checks import CheckResult, Params, Status, grade, run_within, timed, worst
 from workers.app import QUEUES, app
 from workers.db import transaction
 from workers.dispatch import queue_depths
@@ -60,7 +60,16 @@ def _depths(
 def _workers(
     params: QueuesParams, details: dict[str, Any], statuses: list[Status], problems: list[str]
 ) -> None:
-    replies = app.control.ping(timeout=params.worker_timeout_s)
+    try:
+        replies = run_within(
+            lambda: app.control.ping(timeout=params.worker_timeout_s),
+            params.worker_timeout_s + params.timeout_s,
+            "check-queues",
+        )
+    except Exception as exc:
+        statuses.append("critical")
+        problems.append(f"cannot ask workers for a ping: {type(exc).__name__}: {exc}")
+        return
     names = sorted(name for reply in replies for name in reply)
     details["workers"] = names
     if len(names) < params.min_workers:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +18,15 @@ import psutil
 import psycopg
 import pytest
 
-from tests.conftest import STATE_DIR, Processes, alert, free_port, notification, wait_for
+from tests.conftest import (
+    STATE_DIR,
+    TEST_ENV,
+    Processes,
+    alert,
+    free_port,
+    notification,
+    wait_for,
+)
 from workers import supervisor
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -164,3 +175,19 @@ def test_ready_is_said_once_when_healthz_answers(capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().out == (
         f"caretaker ready: webhook on http://127.0.0.1:{port}/api/v1/alerts\n"
     )
+
+
+def test_run_refuses_to_start_with_a_broken_configuration(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yml"
+    broken.write_text("runbooks:\n  - name: x\n    matchers: ['alertname']\n    steps: []\n")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "run", "--port", str(free_port())],
+        env={**os.environ, **TEST_ENV, "CARETAKER_CONFIG": str(broken)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"{broken}: runbooks[0].matchers[0]: not a label matcher" in result.stderr

@@ -76,3 +76,22 @@ def test_a_silent_beat_is_critical_and_a_missing_one_a_warning(
     assert "beat has never run" in never.summary
     assert silent.status == "critical"
     assert re.search(r"beat silent for 360\ds; sweeper silent for 360\ds", silent.summary)
+
+
+def test_an_unreachable_broker_is_critical_within_the_deadline(db: Conn) -> None:
+    from tests.services import PrivateRedis
+    from workers.settings import get_settings
+
+    private = PrivateRedis()
+    private.start()
+    private.stop()
+    settings = get_settings()
+    original = settings.broker_url
+    object.__setattr__(settings, "broker_url", private.url)
+    try:
+        result = check_queues(params(timeout_s=1))
+    finally:
+        object.__setattr__(settings, "broker_url", original)
+
+    assert result.status == "critical"
+    assert "cannot read queue depths" in result.summary

@@ -102,9 +102,14 @@ def run(host: str | None, port: int | None) -> None:
 
 
 def _prepare() -> None:
-    """Migrate (creating the database if needed) and check the broker, or say how to fix it."""
+    """Check the configuration, migrate (creating the database if needed) and check the
+    broker, or say how to fix each."""
     settings = get_settings()
     problems = []
+    try:
+        load_config(settings.config)
+    except ConfigError as exc:
+        problems += [f"{settings.config}: {problem}" for problem in exc.problems]
     try:
         apply_migrations(settings.database_url)
     except (DatabaseUnavailable, psycopg.Error) as exc:
