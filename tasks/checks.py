@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import ssl
 import threading
 import time
@@ -176,7 +177,8 @@ def check_system(params: SystemParams) -> CheckResult:
         grade(cpu, params.cpu_warning_pct, params.cpu_critical_pct),
         grade(memory, params.memory_warning_pct, params.memory_critical_pct),
     ]
-    readings: dict[str, Any] = {"cpu_pct": cpu, "memory_pct": memory}
+    # Whichever worker takes the check measures its own host: the name says which one.
+    readings: dict[str, Any] = {"host": socket.gethostname(), "cpu_pct": cpu, "memory_pct": memory}
     problems: list[str] = []
     for part in (_load, _disks, _mounts, _processes):
         part(params, readings, statuses, problems)

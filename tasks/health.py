@@ -83,7 +83,8 @@ def report_daily() -> int:
     """Build and store the health report of the last 24 hours; return its id. Each run stores
     one more report (harmless twice); not retried."""
     with transaction() as conn:
-        report = reports.health_report(conn, datetime.now(UTC))
+        configured = reports.configured_targets(get_config())
+        report = reports.health_report(conn, datetime.now(UTC), configured=configured)
         report_id = reports.store(conn, report)
     log.info("health report stored report_id=%s overall=%s", report_id, report["overall"])
     return report_id

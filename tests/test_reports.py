@@ -58,6 +58,7 @@ def test_the_report_summarises_each_target(db: Conn) -> None:
 
 def test_the_text_report_names_every_target(db: Conn) -> None:
     record(WEB, "application", "healthy")
+    record(DISK, "host", "healthy")
 
     output = CliRunner().invoke(cli, ["reports", "health"]).output
 
@@ -65,10 +66,32 @@ def test_the_text_report_names_every_target(db: Conn) -> None:
     assert "web" in output and "100.0% healthy of 1" in output
 
 
-def test_an_empty_period_says_so(db: Conn) -> None:
-    output = CliRunner().invoke(cli, ["reports", "health", "--hours", "1"]).output
+def test_a_configured_target_without_results_is_reported_not_checked(db: Conn) -> None:
+    record(WEB, "application", "healthy")
 
-    assert "no check results in this period" in output
+    report = json.loads(CliRunner().invoke(cli, ["reports", "health", "--json"]).output)
+
+    assert report["overall"] == "unknown"
+    assert [(t["target"], t["results"], t["latest_summary"]) for t in report["targets"]] == [
+        ("web", 1, "was healthy"),
+        ("system", 0, "not checked in this period"),
+    ]
+
+
+def test_an_episode_that_began_before_the_period_is_counted(db: Conn) -> None:
+    record(WEB, "application", "critical")
+    db.execute("UPDATE occurrences SET starts_at = now() - interval '3 days'")
+
+    report = json.loads(CliRunner().invoke(cli, ["reports", "health", "--json"]).output)
+
+    assert report["targets"][0]["episodes"] == 1
+
+
+def test_a_period_out_of_range_is_refused(db: Conn) -> None:
+    result = CliRunner().invoke(cli, ["reports", "health", "--hours", "-1"])
+
+    assert result.exit_code == 2
+    assert "--hours" in result.output
 
 
 def test_the_daily_task_stores_the_report(db: Conn) -> None:

@@ -378,7 +378,13 @@ def reports() -> None:
 
 
 @reports.command("health")
-@click.option("--hours", type=float, default=24.0, show_default=True, help="Period to cover.")
+@click.option(
+    "--hours",
+    type=click.FloatRange(min=0, min_open=True, max=24 * 366),
+    default=24.0,
+    show_default=True,
+    help="Period to cover.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def reports_health(hours: float, as_json: bool) -> None:
     """Each target's health over the period: results, share healthy, worst, latest, episodes."""

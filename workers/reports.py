@@ -6,14 +6,24 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from workers.config import Config
 from workers.db import Connection
 from workers.health import SOURCE_CHECK
 
 RANKS = ("healthy", "unknown", "warning", "critical")
 
 
-def health_report(conn: Connection, end_at: datetime, hours: float = 24.0) -> dict[str, Any]:
-    """Per target: results, share healthy, worst and latest status, episodes; and incidents."""
+def health_report(
+    conn: Connection,
+    end_at: datetime,
+    hours: float = 24.0,
+    configured: list[tuple[str, str, str]] | None = None,
+) -> dict[str, Any]:
+    """Per target: results, share healthy, worst and latest status, episodes; and incidents.
+
+    `configured` lists (group, target, check) of the targets that should have been checked:
+    one with no result in the period is reported as not checked, not left out.
+    """
     start_at = end_at - timedelta(hours=hours)
     window = {"start": start_at, "end": end_at, "source": SOURCE_CHECK}
     targets = conn.execute(
@@ -26,7 +36,8 @@ def health_report(conn: Connection, end_at: datetime, hours: float = 24.0) -> di
                (array_agg(r.summary ORDER BY r.checked_at DESC))[1] AS latest_summary,
                (SELECT count(*) FROM occurrences o
                  WHERE o.source = %(source)s AND o.fingerprint = r.target
-                   AND o.starts_at >= %(start)s AND o.starts_at < %(end)s) AS episodes
+                   AND o.starts_at < %(end)s
+                   AND coalesce(o.ends_at, 'infinity') >= %(start)s) AS episodes
           FROM check_results r
          WHERE r.checked_at >= %(start)s AND r.checked_at < %(end)s
          GROUP BY r.target, r.grp, r.check_name
@@ -46,6 +57,12 @@ def health_report(conn: Connection, end_at: datetime, hours: float = 24.0) -> di
     ).fetchone()
 
     rows = [_target(row) for row in targets]
+    checked = {row["target"] for row in rows}
+    rows += [
+        _not_checked(group, name, check)
+        for group, name, check in configured or []
+        if name not in checked
+    ]
     return {
         "kind": "health",
         "period_start": start_at.isoformat(),
@@ -61,6 +78,25 @@ def _target(row: dict[str, Any]) -> dict[str, Any]:
     row["worst"] = RANKS[row.pop("worst_rank") - 1]
     row["healthy_pct"] = float(row["healthy_pct"])
     return row
+
+
+def _not_checked(group: str, name: str, check: str) -> dict[str, Any]:
+    return {
+        "target": name,
+        "group": group,
+        "check": check,
+        "results": 0,
+        "healthy_pct": 0.0,
+        "worst": "unknown",
+        "latest": "unknown",
+        "latest_summary": "not checked in this period",
+        "episodes": 0,
+    }
+
+
+def configured_targets(config: Config) -> list[tuple[str, str, str]]:
+    """(group, target, check) of every configured target, for health_report."""
+    return [(group, target.name, target.check) for group, target in config.checks.targets()]
 
 
 def store(conn: Connection, report: dict[str, Any]) -> int:

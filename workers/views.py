@@ -54,7 +54,9 @@ def change_incident(incident_id: int, status: str, person: str) -> dict[str, Any
 
 def health_report(hours: float) -> dict[str, Any]:
     with transaction() as conn:
-        return reports.health_report(conn, datetime.now(UTC), hours)
+        return reports.health_report(
+            conn, datetime.now(UTC), hours, reports.configured_targets(get_config())
+        )
 
 
 def run_rows(status: str | None, limit: int) -> list[dict[str, Any]]:
