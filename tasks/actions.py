@@ -75,7 +75,7 @@ def _format(where: str, err: Any) -> str:
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
     message = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-    return f"{path}: {message}"
+    return f"{path}: {message.removeprefix('Value error, ')}"
 
 
 ACTIONS: dict[str, Action] = {

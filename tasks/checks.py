@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import httpx
 import psutil
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Status = Literal["healthy", "warning", "critical", "unknown"]
 T = TypeVar("T")
@@ -38,7 +38,27 @@ def worst(statuses: list[Status]) -> Status:
 
 
 class Params(BaseModel):
+    """Parameters of a check. Every pair of fields named X_warning... and X_critical... (or
+    warning_X / critical_X) must be ordered: the warning comes before the critical level."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> Params:
+        values = self.model_dump()
+        for name, warning in values.items():
+            if "warning" not in name or not isinstance(warning, int | float):
+                continue
+            pair = name.replace("warning", "critical")
+            critical = values.get(pair)
+            if not isinstance(critical, int | float):
+                continue
+            # Days left fall towards danger; every other reading rises towards it.
+            falling = name.endswith("_days")
+            if (warning < critical) if falling else (warning > critical):
+                order = "at least" if falling else "at most"
+                raise ValueError(f"{name} ({warning:g}) must be {order} {pair} ({critical:g})")
+        return self
 
 
 class HttpParams(Params):

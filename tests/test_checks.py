@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import threading
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,3 +290,39 @@ def test_system_load_over_the_threshold_is_graded() -> None:
 
     assert result.status in ("warning", "critical")
     assert "per cpu" in result.summary
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            {"cpu_warning_pct": 99, "cpu_critical_pct": 50},
+            "cpu_warning_pct (99) must be at most cpu_critical_pct (50)",
+        ),
+        (
+            {"disk_warning_pct": 90, "disk_critical_pct": 80},
+            "disk_warning_pct (90) must be at most disk_critical_pct (80)",
+        ),
+    ],
+)
+def test_system_thresholds_out_of_order_are_refused(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SystemParams.model_validate(params)
+
+
+def test_config_check_reports_thresholds_out_of_order() -> None:
+    from workers.config import parse_config
+    from workers.errors import ConfigError
+
+    data = {
+        "checks": {
+            "host": [{"name": "system", "check": "system", "params": {"memory_warning_pct": 97}}]
+        }
+    }
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data)
+
+    assert raised.value.problems == [
+        "checks.host[0].params: memory_warning_pct (97) must be at most memory_critical_pct (95)"
+    ]

@@ -164,7 +164,9 @@ def test_connections_near_max_are_graded(
     # Thresholds fire above their value: 80% is healthy at the default 80, a warning below it.
     at_default = check_postgres(PostgresParams(dsn=small_pg.dsn()))
     default = check_postgres(PostgresParams(dsn=small_pg.dsn(), connections_warning_pct=79))
-    strict = check_postgres(PostgresParams(dsn=small_pg.dsn(), connections_critical_pct=79))
+    strict = check_postgres(
+        PostgresParams(dsn=small_pg.dsn(), connections_warning_pct=70, connections_critical_pct=79)
+    )
 
     # The check's own session is the fourth of five.
     assert at_default.status == "healthy"
