@@ -186,11 +186,26 @@ class SystemParams(Params):
     processes: list[str] = []
     # psutil's first reading in a fresh process is 0.0; sampling over an interval is real.
     cpu_sample_s: float = Field(default=0.5, gt=0, le=10)
+    # Seconds the other readings may take beyond the CPU sample.
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
 
 
 def check_system(params: SystemParams) -> CheckResult:
-    """CPU, memory, load, disks, mounts and processes; a missing path is a finding, not an error."""
+    """CPU, memory, load, disks, mounts and processes; a missing path is a finding, not an error.
+    A reading that hangs (a disk on a dead network mount) is critical after timeout_s."""
     started = time.monotonic()
+    try:
+        return run_within(
+            lambda: _measure(params, started),
+            params.cpu_sample_s + params.timeout_s,
+            "check-system",
+        )
+    except TimeoutError:
+        summary = f"no reading within {params.cpu_sample_s + params.timeout_s:g}s (a hung mount?)"
+        return timed(started, "critical", summary, {"host": socket.gethostname()})
+
+
+def _measure(params: SystemParams, started: float) -> CheckResult:
     cpu = psutil.cpu_percent(interval=params.cpu_sample_s)
     memory = psutil.virtual_memory().percent
     statuses = [

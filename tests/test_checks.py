@@ -326,3 +326,20 @@ def test_config_check_reports_thresholds_out_of_order() -> None:
     assert raised.value.problems == [
         "checks.host[0].params: memory_warning_pct (97) must be at most memory_critical_pct (95)"
     ]
+
+
+def test_system_a_reading_that_hangs_is_critical_within_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dead network mount cannot be made here; a disk reading that never returns stands in.
+    import psutil
+
+    monkeypatch.setattr(psutil, "disk_usage", lambda path: time.sleep(5))
+    params = generous().model_copy(update={"timeout_s": 0.5, "cpu_sample_s": 0.1})
+    started = time.monotonic()
+
+    result = check_system(params)
+
+    assert time.monotonic() - started < 2
+    assert result.status == "critical"
+    assert result.summary == "no reading within 0.6s (a hung mount?)"
