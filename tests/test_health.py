@@ -197,3 +197,18 @@ def test_a_warning_incident_turning_critical_is_raised(db: Conn) -> None:
 
     row = db.execute("SELECT id, severity, title FROM incidents").fetchone()
     assert row == {"id": health_incident.incident_id, "severity": "critical", "title": "down"}
+
+
+def test_a_target_still_critical_after_a_person_resolved_it_is_escalated_again(
+    db: Conn,
+) -> None:
+    record(WEB, "warning")
+    record(WEB, "critical")
+    db.execute("UPDATE incidents SET status = 'resolved', resolved_by = 'alice'")
+
+    again = record(WEB, "critical")
+    quiet = record(WEB, "critical")
+
+    statuses = [r["status"] for r in db.execute("SELECT status FROM incidents ORDER BY id")]
+    assert statuses == ["resolved", "open"]
+    assert len(again.notification_ids) == 1 and quiet.notification_ids == []

@@ -110,10 +110,13 @@ def _continue(
         "UPDATE occurrences SET last_seen_at = now(), annotations = %s WHERE id = %s",
         (json.dumps({"summary": summary}), episode["id"]),
     )
-    if severity != "critical" or episode["labels"].get("severity") == "critical":
+    if severity != "critical":
+        return Recorded()
+    if episode["labels"].get("severity") == "critical" and _incident_open(conn, target.name):
         return Recorded()
 
-    # A warning that turned critical is a person's business now, whatever its recovery does.
+    # A warning that turned critical is a person's business now, whatever its recovery does;
+    # so is a target still critical after a person resolved its incident.
     labels = episode["labels"] | {"severity": "critical"}
     conn.execute(
         "UPDATE occurrences SET labels = %s WHERE id = %s", (json.dumps(labels), episode["id"])
@@ -132,6 +135,14 @@ def _continue(
         actor=ACTOR,
     )
     return Recorded(notification_ids=escalation.notification_ids)
+
+
+def _incident_open(conn: Connection, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM incidents WHERE source = %s AND dedup_key = %s AND status <> 'resolved'",
+        (SOURCE_CHECK, name),
+    ).fetchone()
+    return row is not None
 
 
 def _close(conn: Connection, episode: Row, target: CheckTarget, config: Config) -> Recorded:
