@@ -120,6 +120,14 @@ def _expire_one(conn: Connection, step_id: int, run_id: int) -> list[StepRef]:
     ).fetchone()
     if run is None or step is None:
         return []
+    if run["status"] not in runs.ACTIVE_RUN:
+        # The run ended meanwhile (its alert resolved): nothing is left to decide.
+        conn.execute(
+            "UPDATE steps SET status = 'skipped', lease_expires_at = NULL, finished_at = now(),"
+            " error = 'the worker was lost after the run ended' WHERE id = %s",
+            (step_id,),
+        )
+        return []
     # Running a check again is harmless; running an action again might not be. Without a
     # recorded result its outcome is unknown, so a person decides instead.
     if step["spec"]["idempotent"] and step["tries"] < runs.MAX_TRIES:

@@ -188,3 +188,21 @@ def test_a_result_with_a_nul_byte_is_stored(db: Conn) -> None:
 
     row = db.execute("SELECT result, error FROM steps WHERE id = %s", (first.id,)).fetchone()
     assert row == {"result": {"stdout": "a\ufffdb"}, "error": "exit\ufffd1"}
+
+
+def test_a_lost_step_of_a_cancelled_run_is_skipped_not_run_again(
+    db: Conn, broker: redis.Redis
+) -> None:
+    first = routed_run(service_alert("c2", "1"))
+    claim(first)
+    db.execute("UPDATE runs SET status = 'cancelled'")
+    db.execute(
+        "UPDATE steps SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (first.id,)
+    )
+
+    counts = sweep_lost_work()
+
+    assert counts["steps"] == 0
+    step = db.execute("SELECT status FROM steps WHERE id = %s", (first.id,)).fetchone()
+    assert step == {"status": "skipped"}
+    assert queued_tasks(broker, "checks") == []
