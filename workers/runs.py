@@ -7,11 +7,14 @@ webhook and a step finishing on a worker never interleave.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from workers.config import RunbookConfig, StepConfig
 from workers.db import Connection, Row
+
+log = logging.getLogger(__name__)
 
 ACTIVE_RUN = ("running", "waiting")
 # Steps whose worker died are re-run at most this many times in all, and only when idempotent.
@@ -226,6 +229,9 @@ def fail_run(conn: Connection, run: Row, step: Row, reason: str, actor: str) -> 
         (run["id"],),
     )
     if step["kind"] == "escalate" or not run["on_failure"].get("escalate", True):
+        if step["kind"] == "escalate":
+            # Nobody has been told: this line in the log is the last resort.
+            log.error("escalation failed run_id=%s error=%s", run["id"], reason)
         _finish_run(conn, run["id"], "failed")
         return []
 
