@@ -396,6 +396,103 @@ def reports_health(hours: float, as_json: bool) -> None:
 
 
 @cli.group()
+def analyze() -> None:
+    """Ad hoc analysis of a series: anomalies and capacity."""
+
+
+@analyze.command("anomalies")
+@click.option(
+    "--series",
+    "path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV file with timestamp,value columns.",
+)
+@click.option("--method", type=click.Choice(["mad", "zscore"]), default="mad", show_default=True)
+@click.option(
+    "--threshold", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True
+)
+@click.option("--json", "as_json", is_flag=True)
+def analyze_anomalies(path: str, method: str, threshold: float, as_json: bool) -> None:
+    """Score every point against the series' own statistics; list those over the threshold."""
+    from tasks.anomaly import detect, read_csv_series
+
+    found = detect(_series(read_csv_series, path), method, threshold)  # type: ignore[arg-type]
+    listed = [
+        {"timestamp": a.timestamp.isoformat(), "value": a.value, "score": a.score}
+        for a in found.anomalies
+    ]
+    summary = {
+        "method": found.method,
+        "threshold": found.threshold,
+        "points": found.points,
+        "center": found.center,
+        "scale": found.scale,
+        "skipped": found.skipped,
+        "anomalies": listed,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(
+        found.skipped
+        or f"{len(listed)} anomalies in {found.points} points ({method}, |score| > {threshold:g})"
+    )
+    for item in listed:
+        click.echo(f"  {item['timestamp']}  {item['value']:g}  score {item['score']:+.2f}")
+
+
+@analyze.command("capacity")
+@click.option(
+    "--series",
+    "path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV file with timestamp,value columns.",
+)
+@click.option("--threshold", type=float, required=True, help="Value the series must stay under.")
+@click.option(
+    "--horizon-days", type=click.FloatRange(min=0, min_open=True), default=90.0, show_default=True
+)
+@click.option(
+    "--capacity",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="What 100% is (100 for percentages); gives the level.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def analyze_capacity(
+    path: str, threshold: float, horizon_days: float, capacity: float | None, as_json: bool
+) -> None:
+    """Linear trend, forecast with a 95% band, days until the threshold, level."""
+    from dataclasses import asdict
+
+    from tasks.anomaly import read_csv_series
+    from tasks.forecast import forecast
+
+    try:
+        result = forecast(_series(read_csv_series, path), horizon_days, threshold, capacity)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    days = "never" if result.days_to_threshold is None else f"{result.days_to_threshold:g} days"
+    click.echo(
+        f"slope {result.slope_per_day:+.4g}/day; in {horizon_days:g} days {result.forecast:.4g}"
+        f" ({result.lower:.4g} .. {result.upper:.4g}); {threshold:g} reached in {days}"
+        + (f"; {result.level}: {result.advice}" if result.level else "")
+    )
+
+
+def _series(read: Any, path: str) -> Any:
+    try:
+        return read(path)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.group()
 def runs() -> None:
     """Runbook runs and their steps."""
 

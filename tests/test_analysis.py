@@ -1,0 +1,160 @@
+"""Anomaly detection and capacity forecasting on known data: planted anomalies, known slopes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from tasks.anomaly import detect, read_csv_series, to_rate
+from tasks.forecast import forecast
+from tests.conftest import DATA
+from workers.cli import cli
+
+SERIES = DATA / "series"
+
+
+def minutes(values: list[float], start: str = "2026-12-01T00:00:00Z") -> pd.Series:
+    index = pd.date_range(start, periods=len(values), freq="min", tz="UTC")
+    return pd.Series(values, index=index)
+
+
+def test_planted_anomalies_are_found_exactly() -> None:
+    found = detect(read_csv_series(str(SERIES / "latency.csv")), "mad", 3.0)
+
+    assert [(a.timestamp.isoformat(), a.value) for a in found.anomalies] == [
+        ("2025-12-01T00:50:00+00:00", 400.0),
+        ("2025-12-01T02:30:00+00:00", 400.0),
+    ]
+    assert all(a.score > 3 for a in found.anomalies)
+
+
+def test_zscore_finds_the_same_planted_points() -> None:
+    found = detect(read_csv_series(str(SERIES / "latency.csv")), "zscore", 3.0)
+
+    assert [a.value for a in found.anomalies] == [400.0, 400.0]
+
+
+def test_too_few_points_score_nothing() -> None:
+    found = detect(minutes([1.0, 2.0, 100.0]))
+
+    assert found.anomalies == []
+    assert found.skipped == "too few points: 3 (at least 8)"
+
+
+def test_a_constant_series_divides_by_no_zero_and_a_jump_is_still_found() -> None:
+    flat = detect(minutes([5.0] * 20))
+    jump = detect(minutes([5.0] * 19 + [6.0]))
+
+    assert flat.anomalies == [] and flat.scale is not None and flat.scale > 0
+    assert [a.value for a in jump.anomalies] == [6.0]
+    assert np.isfinite(jump.anomalies[0].score)
+
+
+def test_non_finite_values_are_masked() -> None:
+    values = [10.0] * 10 + [float("nan"), float("inf"), float("-inf")] + [10.0, 50.0]
+
+    found = detect(minutes(values))
+
+    assert found.points == 12
+    assert [a.value for a in found.anomalies] == [50.0]
+
+
+def test_gaps_keep_real_timestamps() -> None:
+    index = pd.DatetimeIndex(
+        [f"2026-12-01T00:{m:02d}:00Z" for m in (0, 1, 2, 3, 4, 5, 6, 7, 30, 59)]
+    )
+    series = pd.Series([1.0] * 9 + [9.0], index=index)
+
+    [anomaly] = detect(series).anomalies
+
+    assert anomaly.timestamp == pd.Timestamp("2026-12-01T00:59:00Z")
+
+
+def test_a_counter_becomes_a_rate_across_a_reset() -> None:
+    index = pd.to_datetime([0, 10, 20, 30, 40], unit="s", utc=True)
+    counter = pd.Series([100.0, 200.0, 300.0, 50.0, 150.0], index=index)
+
+    rate = to_rate(counter)
+
+    assert rate.tolist() == [10.0, 10.0, 5.0, 10.0]
+
+
+def test_scoring_against_a_stored_baseline() -> None:
+    found = detect(minutes([10.0, 11.0, 30.0]), against=(10.0, 2.0))
+
+    assert [(a.value, a.score) for a in found.anomalies] == [(30.0, 10.0)]
+
+
+def test_a_known_slope_gives_the_right_days_to_threshold() -> None:
+    result = forecast(read_csv_series(str(SERIES / "disk.csv")), 90, threshold=90, capacity=100)
+
+    # 40% growing 0.5 points a day: 69.5 on the last day, 90 is 41 days later.
+    assert result.slope_per_day == pytest.approx(0.5)
+    assert result.current == pytest.approx(69.5)
+    assert result.days_to_threshold == pytest.approx(41.0)
+    assert result.forecast == pytest.approx(114.5)
+    assert result.lower <= result.forecast <= result.upper
+    assert (result.level, result.advice) == ("critical", "increase now")
+
+
+@pytest.mark.parametrize(
+    ("last", "level"), [(95.0, "critical"), (80.0, "warning"), (65.0, "info"), (50.0, "ok")]
+)
+def test_levels_follow_the_forecast_share_of_capacity(last: float, level: str) -> None:
+    flat = pd.Series([last] * 5, index=pd.date_range("2026-01-01", periods=5, freq="D", tz="UTC"))
+
+    assert forecast(flat, 30, threshold=99, capacity=100).level == level
+
+
+def test_a_falling_series_never_reaches_its_threshold() -> None:
+    falling = pd.Series(
+        [50.0, 40.0, 30.0], index=pd.date_range("2026-01-01", periods=3, freq="D", tz="UTC")
+    )
+
+    assert forecast(falling, 30, threshold=90).days_to_threshold is None
+
+
+def test_cli_anomalies_as_json() -> None:
+    result = CliRunner().invoke(
+        cli, ["analyze", "anomalies", "--series", str(SERIES / "latency.csv"), "--json"]
+    )
+
+    body = json.loads(result.output)
+    assert [a["value"] for a in body["anomalies"]] == [400.0, 400.0]
+    assert body["method"] == "mad" and body["points"] == 200
+
+
+def test_cli_capacity_as_json() -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "analyze",
+            "capacity",
+            "--series",
+            str(SERIES / "disk.csv"),
+            "--threshold",
+            "90",
+            "--capacity",
+            "100",
+            "--json",
+        ],
+    )
+
+    body = json.loads(result.output)
+    assert body["days_to_threshold"] == pytest.approx(41.0)
+    assert body["level"] == "critical"
+
+
+def test_cli_names_a_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,v\n1,2\n")
+
+    result = CliRunner().invoke(cli, ["analyze", "anomalies", "--series", str(bad)])
+
+    assert result.exit_code == 1
+    assert "missing column(s) timestamp, value" in result.output
