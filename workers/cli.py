@@ -348,10 +348,7 @@ def incidents_list(status: str | None, limit: int, as_json: bool) -> None:
 def incidents_show(incident_id: int, as_json: bool) -> None:
     """One incident with its timeline."""
     detail = views.incident_detail(incident_id)
-    if as_json:
-        click.echo(json.dumps(detail, indent=2, default=str))
-        return
-    click.echo(views.render_incident(detail))
+    _show(detail, as_json, views.render_incident)
 
 
 @incidents.command("ack")
@@ -389,10 +386,7 @@ def reports() -> None:
 def reports_health(hours: float, as_json: bool) -> None:
     """Each target's health over the period: results, share healthy, worst, latest, episodes."""
     report = views.health_report(hours)
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-        return
-    click.echo(render_health(report))
+    _show(report, as_json, render_health)
 
 
 @cli.group()
@@ -513,10 +507,12 @@ def runs_list(status: str | None, limit: int, as_json: bool) -> None:
 def runs_show(run_id: int, as_json: bool) -> None:
     """One run with its steps and events."""
     detail = views.run_detail(run_id)
-    if as_json:
-        click.echo(json.dumps(detail, indent=2, default=str))
-        return
-    click.echo(views.render_run(detail))
+    _show(detail, as_json, views.render_run)
+
+
+def _show(data: dict[str, Any], as_json: bool, render: Any) -> None:
+    """One record as JSON, or as the text `render` makes of it."""
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else render(data))
 
 
 def _print(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
