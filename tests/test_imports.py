@@ -12,7 +12,15 @@ from tests.conftest import ROOT
 
 HEAVY = ("pandas", "scipy")
 # The analysis code itself: it may import them, and nothing else may import it at import time.
-ANALYSIS = {"tasks.anomaly", "tasks.forecast"}
+ANALYSIS = {
+    "tasks.anomaly",
+    "tasks.forecast",
+    "tasks.sources",
+    "tasks.prometheus",
+    "tasks.detection",
+    "tasks.capacity",
+    "tasks.review",
+}
 
 PROBE = """
 import importlib, json, sys

@@ -130,12 +130,87 @@ class ChecksConfig(Strict):
 
 CHECK_GROUPS = ("application", "database", "cache", "network", "host", "caretaker")
 
+_NAME = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class SeriesSource(Strict):
+    """Where a series comes from: a PromQL query (needs CARETAKER_PROMETHEUS_URL) or the
+    recorded values of a health-check target."""
+
+    query: str | None = Field(default=None, min_length=1)
+    target: str | None = Field(default=None, pattern=_NAME)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SeriesSource:
+        if (self.query is None) == (self.target is None):
+            raise ValueError("give exactly one of query (PromQL) or target (a check target)")
+        return self
+
+
+class SeriesConfig(SeriesSource):
+    """A metric watched for anomalies, scheduled and in the weekly performance review."""
+
+    name: str = Field(pattern=_NAME)
+    # Counters (`*_total`) are analysed as per-second rates; None means: by the query's name.
+    counter: bool | None = None
+    method: Literal["mad", "zscore"] = "mad"
+    threshold: float = Field(default=3.0, gt=0)
+    baseline_days: float = Field(default=7.0, gt=0, le=366)
+
+
+class CapacityConfig(SeriesSource):
+    """A usage series forecast for capacity planning."""
+
+    name: str = Field(pattern=_NAME)
+    # The value the series must stay under, e.g. 90 (percent) or a size in bytes.
+    threshold: float
+    # What 100% is (100 for percentages, or a configured limit); gives the level.
+    capacity: float | None = Field(default=None, gt=0)
+    horizon_days: float = Field(default=90.0, gt=0, le=3660)
+    history_days: float = Field(default=30.0, gt=0, le=3660)
+
+
+DEFAULT_LOG_PATTERNS = {
+    "error": r"\b(ERROR|CRITICAL|FATAL)\b",
+    "traceback": r"^Traceback \(most recent call last\):",
+}
+
+
+def _valid_pattern(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return text
+
+
+class LogConfig(Strict):
+    """A log file scanned daily; its rotated siblings (name.1, name.2.gz, ...) are read too."""
+
+    name: str = Field(pattern=_NAME)
+    path: Path
+    patterns: dict[
+        Annotated[str, Field(pattern=_NAME)], Annotated[str, AfterValidator(_valid_pattern)]
+    ] = Field(default_factory=lambda: dict(DEFAULT_LOG_PATTERNS), min_length=1)
+    # A day's count this many robust deviations over the baseline's is a spike.
+    threshold: float = Field(default=3.0, gt=0)
+    baseline_days: int = Field(default=14, ge=3, le=366)
+
+
+class AnalysisConfig(Strict):
+    series: list[SeriesConfig] = []
+    capacity: list[CapacityConfig] = []
+    logs: list[LogConfig] = []
+    # PostgreSQL targets whose pg_stat_statements the weekly review reads; by check target name.
+    review_databases: list[Annotated[str, Field(pattern=_NAME)]] = []
+
 
 class Config(Strict):
     runbooks: list[RunbookConfig] = []
     checks: ChecksConfig = ChecksConfig()
     actions: ActionsConfig = ActionsConfig()
     notify: NotifyConfig = NotifyConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
     default_severity: Severity = "critical"
 
 
@@ -158,6 +233,7 @@ def parse_config(data: Any) -> Config:
 
     problems = _check_runbooks(_runbooks_of(config), config.actions)
     problems += _check_targets(_targets_of(config.checks), config.actions)
+    problems += _check_analysis(config)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     return config
@@ -344,6 +420,28 @@ def _check_target(target: CheckTarget, where: str, actions: ActionsConfig) -> li
     if "{{" in repr(target.params):
         return [f"{where}.params: a health check has no alert to take labels from"]
     return action.check_params(target.params, actions, f"{where}.params")
+
+
+def _check_analysis(config: Config) -> list[str]:
+    """Series and databases named in `analysis` must be configured check targets."""
+    problems: list[str] = []
+    for section in ("series", "capacity"):
+        seen: set[str] = set()
+        for i, item in enumerate(getattr(config.analysis, section)):
+            where = f"analysis.{section}[{i}]"
+            if _seen_before(item.name, seen):
+                problems.append(f"{where}.name: {item.name!r} is used twice")
+            if item.target is not None and config.checks.find(item.target) is None:
+                problems.append(f"{where}.target: no check target named {item.target!r}")
+    seen = set()
+    for i, log in enumerate(config.analysis.logs):
+        if _seen_before(log.name, seen):
+            problems.append(f"analysis.logs[{i}].name: {log.name!r} is used twice")
+    for i, name in enumerate(config.analysis.review_databases):
+        found = config.checks.find(name)
+        if found is None or found[1].check != "postgres":
+            problems.append(f"analysis.review_databases[{i}]: no postgres check target {name!r}")
+    return problems
 
 
 def _check_references(value: Any, where: str) -> list[str]:

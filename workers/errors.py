@@ -39,6 +39,10 @@ class NotifyError(TransientError):
     """A notification endpoint did not accept the message."""
 
 
+class SourceError(CaretakerError):
+    """A metric source could not give the series asked for (never to be read as "no data")."""
+
+
 class ActionError(CaretakerError):
     """A runbook action could not be carried out as configured."""
 

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     flower_db: Path = Path("flower.db")
     beat_schedule_file: Path = Path("celerybeat-schedule")
 
+    # Prometheus's HTTP API for analysis; unset means series come from the check history.
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://")
+    prometheus_timeout_s: float = Field(default=30.0, gt=0)
+    # Scheduled anomaly detection scores the points that arrived since its previous run.
+    anomaly_interval_s: float = Field(default=300.0, gt=0)
+
     log_level: str = "INFO"
 
     @field_validator("database_url", mode="after")
