@@ -29,6 +29,19 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "task": "caretaker.health.report_daily",
             "schedule": crontab(minute=0, hour=settings.daily_report_hour_utc),
         },
+        "anomaly-detection": {
+            "task": "caretaker.analysis.detect_anomalies",
+            "schedule": settings.anomaly_interval_s,
+            "options": {"expires": settings.anomaly_interval_s},
+        },
+        "performance-review-weekly": {
+            "task": "caretaker.analysis.performance_review",
+            "schedule": crontab(minute=15, hour=settings.daily_report_hour_utc, day_of_week=1),
+        },
+        "capacity-plan-monthly": {
+            "task": "caretaker.analysis.capacity_plan",
+            "schedule": crontab(minute=30, hour=settings.daily_report_hour_utc, day_of_month=1),
+        },
         "beat-tick": {
             "task": "caretaker.health.record_beat_tick",
             "schedule": BEAT_TICK_S,

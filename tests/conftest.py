@@ -75,6 +75,12 @@ def write_config() -> None:
                 }
             ]
         },
+        "analysis": {
+            "series": [{"name": "web-latency", "target": "web", "baseline_days": 1}],
+            "capacity": [
+                {"name": "web-latency", "target": "web", "threshold": 300, "capacity": 400}
+            ],
+        },
         "runbooks": [
             {
                 "name": "web-slow",
@@ -213,7 +219,8 @@ def broker() -> redis.Redis:
 
 
 TABLES = (
-    "events, notifications, steps, runs, occurrences, incidents, heartbeats, check_results, reports"
+    "events, notifications, steps, runs, occurrences, incidents, heartbeats, check_results, reports,"
+    " series_baselines, anomalies, log_offsets, log_counts"
 )
 
 

@@ -30,6 +30,7 @@ TASK_MODULES = [
     "tasks.incidents",
     "tasks.sweeper",
     "tasks.health",
+    "tasks.analysis",
 ]
 
 

@@ -22,7 +22,7 @@ from workers.db import redact
 from workers.dispatch import ping_broker, redact_url
 from workers.errors import CaretakerError, ConfigError, DatabaseUnavailable
 from workers.incidents import INCIDENT_STATUSES
-from workers.reports import render_health
+from workers.reports import render_capacity, render_health, render_performance
 from workers.settings import get_settings
 
 log = logging.getLogger("caretaker")
@@ -387,6 +387,25 @@ def reports_health(hours: float, as_json: bool) -> None:
     """Each target's health over the period: results, share healthy, worst, latest, episodes."""
     report = views.health_report(hours)
     _show(report, as_json, render_health)
+
+
+@reports.command("performance")
+@click.option("--now", "build", is_flag=True, help="Review the past week now and store it.")
+@click.option("--json", "as_json", is_flag=True)
+def reports_performance(build: bool, as_json: bool) -> None:
+    """The latest weekly performance review: series against their baseline, anomalies,
+    slowest statements, recommendations."""
+    report = views.build_report("performance") if build else views.latest_report("performance")
+    _show(report, as_json, render_performance)
+
+
+@reports.command("capacity")
+@click.option("--now", "build", is_flag=True, help="Forecast every usage series now and store it.")
+@click.option("--json", "as_json", is_flag=True)
+def reports_capacity(build: bool, as_json: bool) -> None:
+    """The latest capacity plan: trend, forecast with its band, days to threshold, level."""
+    report = views.build_report("capacity") if build else views.latest_report("capacity")
+    _show(report, as_json, render_capacity)
 
 
 @cli.group()

@@ -203,6 +203,8 @@ class AnalysisConfig(Strict):
     logs: list[LogConfig] = []
     # PostgreSQL targets whose pg_stat_statements the weekly review reads; by check target name.
     review_databases: list[Annotated[str, Field(pattern=_NAME)]] = []
+    # Reset pg_stat_statements after each weekly read, so every review covers its own week.
+    review_reset_statements: bool = False
 
 
 class Config(Strict):

@@ -112,6 +112,15 @@ def store(conn: Connection, report: dict[str, Any]) -> int:
     return int(row["id"])
 
 
+def latest(conn: Connection, kind: str) -> dict[str, Any] | None:
+    """The newest stored report of a kind, with its id, or None."""
+    row = conn.execute(
+        "SELECT id, body FROM reports WHERE kind = %s ORDER BY created_at DESC, id DESC LIMIT 1",
+        (kind,),
+    ).fetchone()
+    return None if row is None else dict(row["body"]) | {"id": row["id"]}
+
+
 def render_health(report: dict[str, Any]) -> str:
     """The health report as text for a terminal."""
     lines = [
@@ -130,3 +139,61 @@ def render_health(report: dict[str, Any]) -> str:
             f"  {t['latest_summary']}"
         )
     return "\n".join(lines)
+
+
+def render_capacity(report: dict[str, Any]) -> str:
+    """The capacity report as text for a terminal: worst level first."""
+    lines = [
+        f"capacity report {report['period_end'][:16]} UTC: overall {report['overall'] or 'n/a'}"
+    ]
+    if not report["series"]:
+        lines.append("no usage series configured (analysis.capacity)")
+    for e in report["series"]:
+        if "error" in e:
+            lines.append(f"  {e['key']:<32} error: {e['error']}")
+            continue
+        days = "never" if e["days_to_threshold"] is None else f"{e['days_to_threshold']:g} d"
+        lines.append(
+            f"  {e['key']:<32} {e['level'] or '-':<8} now {e['current']:.4g},"
+            f" {e['slope_per_day']:+.3g}/day; in {e['horizon_days']:g} d {e['forecast']:.4g}"
+            f" ({e['lower']:.4g} .. {e['upper']:.4g}); {e['threshold']:g} in {days}"
+        )
+        lines.append(f"  {'':<32} {e['recommendation']}")
+    return "\n".join(lines)
+
+
+def render_performance(report: dict[str, Any]) -> str:
+    """The weekly performance review as text for a terminal."""
+    lines = [f"performance review {report['period_start'][:16]} .. {report['period_end'][:16]} UTC"]
+    if not report["series"] and not report["databases"]:
+        lines.append("no series or databases configured (analysis.series, review_databases)")
+    for e in report["series"]:
+        if "error" in e:
+            lines.append(f"  {e['key']:<32} error: {e['error']}")
+        elif not e.get("points"):
+            lines.append(f"  {e['key']:<32} no data this week")
+        else:
+            week, change = e["week"], e["change_pct"]
+            lines.append(
+                f"  {e['key']:<32} median {week['median']:.4g} ({_pct(change['median'])}),"
+                f" p95 {week['p95']:.4g} ({_pct(change['p95'])}), max {week['max']:.4g},"
+                f" {len(e['anomalies'])} anomalies in {e['points']} points"
+            )
+    for db in report["databases"]:
+        if not db.get("available"):
+            lines.append(f"  database {db['target']}: {db.get('reason')}")
+            continue
+        lines.append(f"  database {db['target']}: slowest statements by total time")
+        for q in db["queries"]:
+            text = " ".join(str(q["query"]).split())[:70]
+            lines.append(
+                f"    {q['total_ms']:>10.0f} ms {q['share_pct']:>5.1f}%"
+                f" {q['calls']:>8} calls {q['mean_ms']:>9.2f} ms  {text}"
+            )
+    lines.append("recommendations:")
+    lines += [f"  - {item}" for item in report["recommendations"]]
+    return "\n".join(lines)
+
+
+def _pct(change: float | None) -> str:
+    return "n/a" if change is None else f"{change:+g}% week on week"

@@ -9,6 +9,7 @@ from workers import dispatch, incidents, reports
 from workers.config import get_config
 from workers.db import Row, transaction
 from workers.errors import NotFound
+from workers.settings import get_settings
 
 # Every status a run can have, as the runs table allows them.
 RUN_STATUSES = ("running", "waiting", "recovered", "escalated", "failed", "cancelled")
@@ -57,6 +58,31 @@ def health_report(hours: float) -> dict[str, Any]:
         return reports.health_report(
             conn, datetime.now(UTC), hours, reports.configured_targets(get_config())
         )
+
+
+def latest_report(kind: str) -> dict[str, Any]:
+    """The newest stored report of a kind, with its id and when it was made."""
+    with transaction() as conn:
+        row = reports.latest(conn, kind)
+    if row is None:
+        raise NotFound(f"no {kind} report stored yet")
+    return row
+
+
+def build_report(kind: str) -> dict[str, Any]:
+    """Make a performance or capacity report now, in this process; store and return it."""
+    now = datetime.now(UTC)
+    if kind == "performance":
+        from tasks.review import performance_review
+
+        report = performance_review(get_config(), get_settings(), now)
+    else:
+        from tasks.capacity import capacity_report
+
+        report = capacity_report(get_config(), get_settings(), now)
+    with transaction() as conn:
+        report["id"] = reports.store(conn, report)
+    return report
 
 
 def run_rows(status: str | None, limit: int) -> list[dict[str, Any]]:
