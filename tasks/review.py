@@ -80,8 +80,8 @@ def review_values(
     against that period's baseline (or the week's own when there is no earlier data)."""
     key = series_key(spec.name, labels)
     week_start = pd.Timestamp(now - WEEK)
-    before = values[values.index < week_start]
-    week = values[values.index >= week_start]
+    before = values[values.index <= week_start]
+    week = values[values.index > week_start]
     entry: dict[str, Any] = {"key": key, "name": spec.name, "labels": labels}
     if week.empty:
         return entry | {
