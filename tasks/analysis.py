@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from workers import dispatch, reports
+from workers import dispatch, findings, reports
 from workers.app import app
 from workers.config import get_config
 from workers.db import transaction
@@ -53,6 +53,7 @@ def detect_anomalies() -> dict[str, Any]:
                 outcome[item.key] = {"status": item.status, "message": item.message}
                 new_ids += [item.new_occurrence_id] if item.new_occurrence_id else []
                 notification_ids += item.notification_ids
+        notification_ids += _clear_removed({spec.name for spec in config.analysis.series})
     finally:
         lock.release()
     dispatch.try_send("routing", dispatch.route_occurrences, new_ids)
@@ -60,6 +61,20 @@ def detect_anomalies() -> dict[str, Any]:
     anomalous = sum(1 for item in outcome.values() if item["status"] == "anomalous")
     log.info("anomaly detection done series=%d anomalous=%d", len(outcome), anomalous)
     return outcome
+
+
+def _clear_removed(configured: set[str]) -> list[int]:
+    """End the findings of series no longer configured; return notifications to send."""
+    from tasks.detection import FINDING_PREFIX
+
+    notification_ids: list[int] = []
+    with transaction() as conn:
+        for key in findings.open_findings(conn, FINDING_PREFIX):
+            name = key.removeprefix(FINDING_PREFIX).split("{", 1)[0]
+            if name not in configured:
+                reason = f"{name} removed from the configuration"
+                notification_ids += findings.clear_finding(conn, key, reason, get_config())
+    return notification_ids
 
 
 @app.task(name="caretaker.analysis.performance_review", acks_late=True, reject_on_worker_lost=True)

@@ -219,8 +219,8 @@ def broker() -> redis.Redis:
 
 
 TABLES = (
-    "events, notifications, steps, runs, occurrences, incidents, heartbeats, check_results, reports,"
-    " series_baselines, anomalies, log_offsets, log_counts"
+    "events, notifications, steps, runs, occurrences, incidents, heartbeats, check_results,"
+    " reports, series_baselines, anomalies, log_offsets, log_counts"
 )
 
 

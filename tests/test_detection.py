@@ -250,3 +250,19 @@ def test_config_check_names_a_series_on_an_unknown_target() -> None:
     problems = raised.value.problems
     assert "analysis.series[0].target: no check target named 'nope'" in problems
     assert "analysis.series[1].name: 'x' is used twice" in problems
+
+
+def test_the_finding_of_a_series_no_longer_configured_is_cleared(
+    db: Conn, worker: subprocess.Popen[bytes]
+) -> None:
+    gone = SeriesConfig(name="retired", target="web")
+    values = noise(60)
+    values[-1] = 180.0
+    assert run(minutes(values), spec=gone).status == "anomalous"
+
+    app.send_task("caretaker.analysis.detect_anomalies", ignore_result=False).get(timeout=60)
+
+    rows = db.execute("SELECT fingerprint, status FROM occurrences").fetchall()
+    assert rows == [{"fingerprint": "anomaly:retired", "status": "resolved"}]
+    reason = db.execute("SELECT message FROM events WHERE kind = 'occurrence_resolved'").fetchone()
+    assert reason == {"message": "retired removed from the configuration"}
