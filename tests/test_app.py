@@ -27,6 +27,9 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
 
     assert queues == {
         "caretaker.alerts.route_occurrences": "alerts",
+        "caretaker.analysis.capacity_plan": "analysis",
+        "caretaker.analysis.detect_anomalies": "analysis",
+        "caretaker.analysis.performance_review": "analysis",
         "caretaker.health.check_dns": "checks",
         "caretaker.health.check_http": "checks",
         "caretaker.health.check_postgres": "checks",
@@ -77,3 +80,15 @@ def test_the_calendar_holds_the_sweeper_the_health_round_and_beat_ticks() -> Non
     assert schedule["health-round"]["task"] == "caretaker.health.run_round"
     assert schedule["health-round"]["schedule"] == 120
     assert schedule["beat-tick"]["task"] == "caretaker.health.record_beat_tick"
+
+
+def test_the_calendar_holds_the_analysis_and_every_entry_names_a_known_task() -> None:
+    app.loader.import_default_modules()
+    schedule = build_schedule(Settings(anomaly_interval_s=600, daily_report_hour_utc=5))
+
+    assert schedule["anomaly-detection"]["schedule"] == 600
+    weekly = schedule["performance-review-weekly"]["schedule"]
+    assert (weekly.day_of_week, weekly.hour, weekly.minute) == ({1}, {5}, {15})
+    monthly = schedule["capacity-plan-monthly"]["schedule"]
+    assert (monthly.day_of_month, monthly.hour, monthly.minute) == ({1}, {5}, {30})
+    assert {entry["task"] for entry in schedule.values()} <= set(app.tasks)
