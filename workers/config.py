@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -207,12 +208,120 @@ class AnalysisConfig(Strict):
     review_reset_statements: bool = False
 
 
+class DatabaseRef(Strict):
+    """A PostgreSQL database: its DSN in an environment variable (which may hold a password),
+    or a DSN without a password (libpq then reads ~/.pgpass or PGPASSWORD)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    dsn_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    dsn: str | None = None
+
+    @field_validator("dsn")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_dsn(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_dsn(self) -> DatabaseRef:
+        if (self.dsn is None) == (self.dsn_env is None):
+            raise ValueError("give exactly one of dsn and dsn_env")
+        return self
+
+    def reveal(self) -> str:
+        """The DSN itself; KeyError when its environment variable is not set."""
+        return read_env_secret(self.dsn_env) if self.dsn_env else str(self.dsn)
+
+
+def check_dsn(value: str) -> None:
+    """Refuse a DSN that is not one, or that holds a password (it would end up in argv,
+    logs and the configuration file)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(value)
+    except ProgrammingError:
+        # libpq's reason may quote part of the string, password included.
+        raise ValueError("not a valid PostgreSQL connection string") from None
+    if "password" in parts:
+        raise ValueError(
+            "the connection string holds a password: put it in ~/.pgpass or PGPASSWORD,"
+            " or the whole DSN in an environment variable named by dsn_env"
+        )
+
+
+class Dependants(Strict):
+    """What depends on a backed-up resource: stopped before a restore swaps it in, started
+    after, and its health verified. Commands are argv lists run from the actions allowlist."""
+
+    stop: list[list[str]] = []
+    start: list[list[str]] = []
+    health: StepConfig | None = None
+
+
+class BackupDatabase(DatabaseRef):
+    name: str = Field(pattern=_NAME)
+    # SQL that must return one row whose first column is true on a restored copy.
+    probes: list[str] = []
+    dependants: Dependants = Dependants()
+    # Disaster-recovery targets the monthly drill measures against.
+    rto_s: float | None = Field(default=None, gt=0)
+    rpo_s: float | None = Field(default=None, gt=0)
+
+
+class BackupDirectory(Strict):
+    name: str = Field(pattern=_NAME)
+    path: Path
+    dependants: Dependants = Dependants()
+    rto_s: float | None = Field(default=None, gt=0)
+    rpo_s: float | None = Field(default=None, gt=0)
+
+
+class BackupStoreConfig(Strict):
+    """Where backups are kept: a local directory (the default) or an S3 bucket; S3
+    credentials come from boto3's usual chain (environment, ~/.aws), never from this file."""
+
+    kind: Literal["local", "s3"] = "local"
+    path: Path = Path("backups")
+    bucket: str | None = None
+    prefix: str = "caretaker/"
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
+    region: str | None = None
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> BackupStoreConfig:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("an s3 store needs a bucket")
+        return self
+
+
+class RetentionConfig(Strict):
+    """Backups kept per target: the newest of each of the last N days, weeks and months."""
+
+    daily: int = Field(default=7, ge=1)
+    weekly: int = Field(default=4, ge=0)
+    monthly: int = Field(default=6, ge=0)
+
+
+class BackupsConfig(Strict):
+    store: BackupStoreConfig = BackupStoreConfig()
+    retention: RetentionConfig = RetentionConfig()
+    databases: list[BackupDatabase] = []
+    directories: list[BackupDirectory] = []
+    # The daily verification restores every backup of this many last days.
+    verify_days: float = Field(default=1.0, gt=0, le=366)
+
+
 class Config(Strict):
     runbooks: list[RunbookConfig] = []
     checks: ChecksConfig = ChecksConfig()
     actions: ActionsConfig = ActionsConfig()
     notify: NotifyConfig = NotifyConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    backups: BackupsConfig = BackupsConfig()
     default_severity: Severity = "critical"
 
 
@@ -235,7 +344,7 @@ def parse_config(data: Any) -> Config:
 
     problems = _check_runbooks(_runbooks_of(config), config.actions)
     problems += _check_targets(_targets_of(config.checks), config.actions)
-    problems += _check_analysis(config)
+    problems += _check_sections(config)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     return config
@@ -424,8 +533,9 @@ def _check_target(target: CheckTarget, where: str, actions: ActionsConfig) -> li
     return action.check_params(target.params, actions, f"{where}.params")
 
 
-def _check_analysis(config: Config) -> list[str]:
-    """Series and databases named in `analysis` must be configured check targets."""
+def _check_sections(config: Config) -> list[str]:
+    """Names unique per section; series and reviewed databases must be configured check
+    targets; backup dependants run only allowlisted commands."""
     problems: list[str] = []
     for section in ("series", "capacity"):
         seen: set[str] = set()
@@ -439,10 +549,31 @@ def _check_analysis(config: Config) -> list[str]:
     for i, log in enumerate(config.analysis.logs):
         if _seen_before(log.name, seen):
             problems.append(f"analysis.logs[{i}].name: {log.name!r} is used twice")
+    seen = set()
+    for section in ("databases", "directories"):
+        for i, item in enumerate(getattr(config.backups, section)):
+            if _seen_before(item.name, seen):
+                problems.append(f"backups.{section}[{i}].name: {item.name!r} is used twice")
+            problems += _check_dependants(item.dependants, f"backups.{section}[{i}]", config)
     for i, name in enumerate(config.analysis.review_databases):
         found = config.checks.find(name)
         if found is None or found[1].check != "postgres":
             problems.append(f"analysis.review_databases[{i}]: no postgres check target {name!r}")
+    return problems
+
+
+def _check_dependants(dependants: Dependants, where: str, config: Config) -> list[str]:
+    problems = []
+    for kind in ("stop", "start"):
+        for k, argv in enumerate(getattr(dependants, kind)):
+            if not argv:
+                problems.append(f"{where}.dependants.{kind}[{k}]: an empty command")
+            elif argv[0] not in config.actions.allowlist:
+                problems.append(
+                    f"{where}.dependants.{kind}[{k}]: {argv[0]!r} is not in actions.allowlist"
+                )
+    if dependants.health is not None:
+        problems += _check_step(dependants.health, f"{where}.dependants.health", config.actions)
     return problems
 
 
