@@ -410,32 +410,110 @@ def reports_capacity(build: bool, as_json: bool) -> None:
 
 @cli.group()
 def analyze() -> None:
-    """Ad hoc analysis of a series: anomalies and capacity."""
+    """Ad hoc analysis of a series from a CSV file or Prometheus: anomalies and capacity."""
+
+
+# Without --range, a Prometheus query looks this far back.
+DEFAULT_RANGE_S = 30 * 86400.0
+
+
+class _Duration(click.ParamType[float]):
+    """A duration such as 90s, 5m, 36h, 30d or 2w, converted to seconds."""
+
+    name = "duration"
+    UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            seconds = float(text[:-1]) * self.UNIT_S[text[-1:]]
+        except (KeyError, ValueError):
+            seconds = 0.0
+        if not 0 < seconds < float("inf"):
+            self.fail(f"{value!r} is not a duration: a number and a unit, s m h d or w", param, ctx)
+        return seconds
+
+
+def _source_options(command: Any) -> Any:
+    """The options that say where the series comes from: a CSV file or a Prometheus query."""
+    options = [
+        click.option(
+            "--series",
+            "path",
+            type=click.Path(exists=True, dir_okay=False),
+            help="CSV file with timestamp,value columns.",
+        ),
+        click.option(
+            "--prometheus",
+            "query",
+            metavar="QUERY",
+            help="PromQL query, sent to CARETAKER_PROMETHEUS_URL.",
+        ),
+        click.option(
+            "--range", "range_s", type=_Duration(), help="How far back to query (default 30d)."
+        ),
+        click.option(
+            "--step",
+            "step_s",
+            type=_Duration(),
+            help="Query step (default: the smallest round step Prometheus allows).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @analyze.command("anomalies")
-@click.option(
-    "--series",
-    "path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="CSV file with timestamp,value columns.",
-)
+@_source_options
 @click.option("--method", type=click.Choice(["mad", "zscore"]), default="mad", show_default=True)
 @click.option(
     "--threshold", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True
 )
 @click.option("--json", "as_json", is_flag=True)
-def analyze_anomalies(path: str, method: str, threshold: float, as_json: bool) -> None:
-    """Score every point against the series' own statistics; list those over the threshold."""
+def analyze_anomalies(
+    path: str | None,
+    query: str | None,
+    range_s: float | None,
+    step_s: float | None,
+    method: str,
+    threshold: float,
+    as_json: bool,
+) -> None:
+    """Score every point against the series' own statistics; list those over the threshold.
+
+    A query may give several series: each is scored on its own, a `*_total` counter as a rate.
+    """
     from tasks.anomaly import detect, read_csv_series
 
-    found = detect(_series(read_csv_series, path), method, threshold)  # type: ignore[arg-type]
+    _one_source(path, query, range_s, step_s)
+    if path is not None:
+        found = detect(_series(read_csv_series, path), method, threshold)  # type: ignore[arg-type]
+        _echo_anomalies(_anomaly_summary(found), as_json)
+        return
+
+    summaries = []
+    for fetched in _prometheus_series(query or "", range_s, step_s):
+        found = detect(fetched.values, method, threshold)  # type: ignore[arg-type]
+        summaries.append({"labels": fetched.labels, **_anomaly_summary(found)})
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2))
+        return
+    for summary in summaries:
+        click.echo(_shown_labels(summary["labels"]))
+        _echo_anomalies(summary, False, indent="  ")
+
+
+def _anomaly_summary(found: Any) -> dict[str, Any]:
     listed = [
         {"timestamp": a.timestamp.isoformat(), "value": a.value, "score": a.score}
         for a in found.anomalies
     ]
-    summary = {
+    return {
         "method": found.method,
         "threshold": found.threshold,
         "points": found.points,
@@ -444,25 +522,27 @@ def analyze_anomalies(path: str, method: str, threshold: float, as_json: bool) -
         "skipped": found.skipped,
         "anomalies": listed,
     }
+
+
+def _echo_anomalies(summary: dict[str, Any], as_json: bool, indent: str = "") -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
+    listed = summary["anomalies"]
     click.echo(
-        found.skipped
-        or f"{len(listed)} anomalies in {found.points} points ({method}, |score| > {threshold:g})"
+        indent
+        + (
+            summary["skipped"]
+            or f"{len(listed)} anomalies in {summary['points']} points"
+            f" ({summary['method']}, |score| > {summary['threshold']:g})"
+        )
     )
     for item in listed:
-        click.echo(f"  {item['timestamp']}  {item['value']:g}  score {item['score']:+.2f}")
+        click.echo(f"{indent}  {item['timestamp']}  {item['value']:g}  score {item['score']:+.2f}")
 
 
 @analyze.command("capacity")
-@click.option(
-    "--series",
-    "path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="CSV file with timestamp,value columns.",
-)
+@_source_options
 @click.option("--threshold", type=float, required=True, help="Value the series must stay under.")
 @click.option(
     "--horizon-days", type=click.FloatRange(min=0, min_open=True), default=90.0, show_default=True
@@ -475,27 +555,110 @@ def analyze_anomalies(path: str, method: str, threshold: float, as_json: bool) -
 )
 @click.option("--json", "as_json", is_flag=True)
 def analyze_capacity(
-    path: str, threshold: float, horizon_days: float, capacity: float | None, as_json: bool
+    path: str | None,
+    query: str | None,
+    range_s: float | None,
+    step_s: float | None,
+    threshold: float,
+    horizon_days: float,
+    capacity: float | None,
+    as_json: bool,
 ) -> None:
-    """Linear trend, forecast with a 95% band, days until the threshold, level."""
+    """Linear trend, forecast with a 95% band, days until the threshold, level.
+
+    A query may give several series: each gets its own forecast, a `*_total` counter as a rate.
+    """
     from dataclasses import asdict
 
     from tasks.anomaly import read_csv_series
     from tasks.forecast import forecast
 
-    try:
-        result = forecast(_series(read_csv_series, path), horizon_days, threshold, capacity)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+    _one_source(path, query, range_s, step_s)
+    if path is not None:
+        try:
+            result = forecast(_series(read_csv_series, path), horizon_days, threshold, capacity)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(
+            json.dumps(asdict(result), indent=2)
+            if as_json
+            else _capacity_line(result, horizon_days, threshold)
+        )
         return
+
+    results: list[dict[str, Any]] = []
+    for fetched in _prometheus_series(query or "", range_s, step_s):
+        try:
+            planned = forecast(fetched.values, horizon_days, threshold, capacity)
+        except ValueError as exc:
+            # One series too short to forecast leaves the others worth showing.
+            results.append({"labels": fetched.labels, "skipped": str(exc)})
+            line = str(exc)
+        else:
+            results.append({"labels": fetched.labels, **asdict(planned)})
+            line = _capacity_line(planned, horizon_days, threshold)
+        if not as_json:
+            click.echo(f"{_shown_labels(fetched.labels)}\n  {line}")
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+
+
+def _capacity_line(result: Any, horizon_days: float, threshold: float) -> str:
     days = "never" if result.days_to_threshold is None else f"{result.days_to_threshold:g} days"
-    click.echo(
+    return (
         f"slope {result.slope_per_day:+.4g}/day; in {horizon_days:g} days {result.forecast:.4g}"
         f" ({result.lower:.4g} .. {result.upper:.4g}); {threshold:g} reached in {days}"
         + (f"; {result.level}: {result.advice}" if result.level else "")
     )
+
+
+def _one_source(
+    path: str | None, query: str | None, range_s: float | None, step_s: float | None
+) -> None:
+    if (path is None) == (query is None):
+        raise click.UsageError("give exactly one of --series FILE and --prometheus QUERY")
+    if path is not None and (range_s is not None or step_s is not None):
+        raise click.UsageError("--range and --step go with --prometheus, not --series")
+
+
+def _prometheus_series(query: str, range_s: float | None, step_s: float | None) -> list[Any]:
+    """Each series the query gives over the last range_s seconds; a counter as its rate."""
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.anomaly import to_rate
+    from tasks.prometheus import query_range
+    from tasks.sources import Fetched, is_counter
+    from workers.errors import SourceError
+
+    settings = get_settings()
+    if settings.prometheus_url is None:
+        raise click.ClickException(
+            "--prometheus needs CARETAKER_PROMETHEUS_URL, the address of Prometheus's HTTP API"
+            " (http://prometheus:9090)"
+        )
+    end_at = datetime.now(UTC)
+    start_at = end_at - timedelta(seconds=range_s or DEFAULT_RANGE_S)
+    try:
+        found = query_range(
+            settings.prometheus_url, query, start_at, end_at, step_s, settings.prometheus_timeout_s
+        )
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    if not found:
+        since = start_at.isoformat(timespec="seconds")
+        raise click.ClickException(f"prometheus has no series for {query!r} since {since}")
+    if is_counter(query, None):
+        return [Fetched(to_rate(fetched.values), fetched.labels) for fetched in found]
+    return found
+
+
+def _shown_labels(labels: dict[str, str]) -> str:
+    """A series as Prometheus writes it: name{label="value", ...}."""
+    pairs = ", ".join(
+        f"{name}={json.dumps(value)}" for name, value in labels.items() if name != "__name__"
+    )
+    return f"{labels.get('__name__', '')}{{{pairs}}}"
 
 
 def _series(read: Any, path: str) -> Any:
