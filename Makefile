@@ -49,6 +49,7 @@ format: install
 bench: install
 	$(BIN)/python bench/webhook_batch.py
 	$(BIN)/python bench/check_round.py
+	$(BIN)/python bench/analysis.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache celerybeat-schedule*

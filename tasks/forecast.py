@@ -50,35 +50,49 @@ def forecast(
     values = clean(series)
     if len(values) < MIN_POINTS:
         raise ValueError(f"too few points to forecast: {len(values)} (at least {MIN_POINTS})")
-    days = (values.index - values.index[0]).total_seconds().to_numpy() / SECONDS_PER_DAY
+    # Days in numpy: pandas' timedelta arithmetic (overflow checks, NaT masks) costs more than
+    # the fit itself.
+    stamps = values.index.asi8.view(f"M8[{values.index.unit}]")
+    days = (stamps - stamps[0]) / np.timedelta64(1, "s") / SECONDS_PER_DAY
     y = values.to_numpy()
-    fit = stats.linregress(days, y)
+    slope, intercept = _fit(days, y)
 
     last_day = float(days[-1])
-    current = float(fit.intercept + fit.slope * last_day)
+    current = float(intercept + slope * last_day)
     at = last_day + horizon_days
-    predicted = float(fit.intercept + fit.slope * at)
-    half_width = _band(days, y, fit, at, confidence)
+    predicted = float(intercept + slope * at)
+    half_width = _band(days, y, slope, intercept, at, confidence)
     return Forecast(
         points=len(values),
-        slope_per_day=float(fit.slope),
+        slope_per_day=slope,
         current=current,
         forecast=predicted,
         lower=predicted - half_width,
         upper=predicted + half_width,
         horizon_days=horizon_days,
         threshold=threshold,
-        days_to_threshold=_days_to(threshold, current, float(fit.slope)),
+        days_to_threshold=_days_to(threshold, current, slope),
         **dict(zip(("level", "advice"), _level(predicted, capacity), strict=True)),
     )
 
 
-def _band(days: np.ndarray, y: np.ndarray, fit: object, at: float, confidence: float) -> float:
+def _fit(days: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    # (slope, intercept) of the least-squares line, computed as scipy.stats.linregress does
+    # (same calls, same rounding) without its input checks, r, p-value and standard errors,
+    # which cost more than the fit on a few thousand points.
+    ssxm, ssxym, _, _ = np.cov(days, y, bias=True).flat
+    slope = ssxym / ssxm
+    return float(slope), float(np.mean(y) - slope * np.mean(days))
+
+
+def _band(
+    days: np.ndarray, y: np.ndarray, slope: float, intercept: float, at: float, confidence: float
+) -> float:
     # Prediction interval of a new observation at `at` for a least-squares line.
     n = len(days)
     if n < 3:
         return 0.0
-    residuals = y - (fit.intercept + fit.slope * days)  # type: ignore[attr-defined]
+    residuals = y - (intercept + slope * days)
     sigma = float(np.sqrt(np.sum(residuals**2) / (n - 2)))
     spread = float(np.sum((days - days.mean()) ** 2)) or 1.0
     t = float(stats.t.ppf((1 + confidence) / 2, n - 2))

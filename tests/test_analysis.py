@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tasks.anomaly import detect, read_csv_series, to_rate
+from tasks.anomaly import baseline, clean, detect, read_csv_series, to_rate
 from tasks.forecast import forecast
 from tests.conftest import DATA
 from workers.cli import cli
@@ -75,6 +75,32 @@ def test_gaps_keep_real_timestamps() -> None:
     assert anomaly.timestamp == pd.Timestamp("2026-12-01T00:59:00Z")
 
 
+def test_unordered_and_repeated_timestamps_are_sorted_and_the_last_value_kept() -> None:
+    minute = [f"2026-12-01T00:{m:02d}:00Z" for m in (3, 0, 2, 1, 2, 4, 5, 6, 7, 8)]
+    series = pd.Series([4.0, 1.0, 99.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 40.0], index=minute)
+    series.index = pd.DatetimeIndex(series.index)
+
+    values = clean(series)
+    [anomaly] = detect(series).anomalies
+
+    assert values.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 40.0]
+    assert values.index.is_monotonic_increasing and values.index.is_unique
+    assert (anomaly.timestamp, anomaly.value) == (pd.Timestamp("2026-12-01T00:08:00Z"), 40.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "center", "mad"),
+    [([1.0, 2.0, 100.0, 3.0, 4.0], 3.0, 1.0), ([1.0, 100.0, 2.0, 3.0, 4.0, 5.0], 3.5, 1.5)],
+)
+def test_the_robust_baseline_is_the_median_and_scaled_mad(
+    values: list[float], center: float, mad: float
+) -> None:
+    array = np.array(values)
+
+    assert baseline(array, "mad") == (center, 1.4826 * mad)
+    assert array.tolist() == values
+
+
 def test_a_counter_becomes_a_rate_across_a_reset() -> None:
     index = pd.to_datetime([0, 10, 20, 30, 40], unit="s", utc=True)
     counter = pd.Series([100.0, 200.0, 300.0, 50.0, 150.0], index=index)
@@ -82,6 +108,8 @@ def test_a_counter_becomes_a_rate_across_a_reset() -> None:
     rate = to_rate(counter)
 
     assert rate.tolist() == [10.0, 10.0, 5.0, 10.0]
+    assert rate.index.tolist() == counter.index[1:].tolist()
+    assert to_rate(counter.iloc[::-1]).tolist() == [10.0, 10.0, 5.0, 10.0]
 
 
 def test_scoring_against_a_stored_baseline() -> None:
