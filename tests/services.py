@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -113,3 +115,44 @@ class PrivateRedis:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+
+class MotoServer:
+    """moto's AWS APIs (S3 among them) as a separate HTTP server process on a free port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.log_path = Path(tempfile.mkdtemp(prefix="caretaker-moto-")) / "moto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        # Its request log goes to a file: werkzeug writes a line per request.
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+        wait_for(self._listening, timeout_s=30, what="the moto server")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def _listening(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"moto server exited:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
