@@ -34,6 +34,10 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": settings.anomaly_interval_s,
             "options": {"expires": settings.anomaly_interval_s},
         },
+        "log-analysis-daily": {
+            "task": "caretaker.analysis.scan_logs",
+            "schedule": crontab(minute=5, hour=settings.daily_report_hour_utc),
+        },
         "performance-review-weekly": {
             "task": "caretaker.analysis.performance_review",
             "schedule": crontab(minute=15, hour=settings.daily_report_hour_utc, day_of_week=1),

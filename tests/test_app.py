@@ -30,6 +30,7 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.analysis.capacity_plan": "analysis",
         "caretaker.analysis.detect_anomalies": "analysis",
         "caretaker.analysis.performance_review": "analysis",
+        "caretaker.analysis.scan_logs": "analysis",
         "caretaker.health.check_dns": "checks",
         "caretaker.health.check_http": "checks",
         "caretaker.health.check_postgres": "checks",
@@ -87,6 +88,8 @@ def test_the_calendar_holds_the_analysis_and_every_entry_names_a_known_task() ->
     schedule = build_schedule(Settings(anomaly_interval_s=600, daily_report_hour_utc=5))
 
     assert schedule["anomaly-detection"]["schedule"] == 600
+    daily = schedule["log-analysis-daily"]["schedule"]
+    assert (daily.hour, daily.minute) == ({5}, {5})
     weekly = schedule["performance-review-weekly"]["schedule"]
     assert (weekly.day_of_week, weekly.hour, weekly.minute) == ({1}, {5}, {15})
     monthly = schedule["capacity-plan-monthly"]["schedule"]

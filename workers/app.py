@@ -31,6 +31,7 @@ TASK_MODULES = [
     "tasks.sweeper",
     "tasks.health",
     "tasks.analysis",
+    "tasks.logscan",
 ]
 
 

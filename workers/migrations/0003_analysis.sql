@@ -32,26 +32,34 @@ CREATE TABLE anomalies (
 );
 CREATE INDEX anomalies_found ON anomalies (found_at);
 
--- Where the last scan of a log file stopped: the file is known by device and inode, so a
--- rotation (the live name now a new file) is noticed and the old one finished under its new name.
+-- Where the scans of a log stopped, one row per file. A file is known by its content, not by
+-- its inode: `fingerprint` hashes the first `fingerprint_bytes` bytes of its decompressed
+-- content together with that length, so a file renamed by rotation, or rotated and compressed
+-- into a new inode, is still the file already partly read. `offset_bytes` counts the bytes of
+-- the decompressed content already counted; `finished` marks a compressed file read to its end
+-- (or taken as history by the first scan), which is never read again.
 CREATE TABLE log_offsets (
-    log_name    text NOT NULL,
-    device      bigint NOT NULL,
-    inode       bigint NOT NULL,
-    path        text NOT NULL,
-    "offset"    bigint NOT NULL CHECK ("offset" >= 0),
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (log_name, device, inode)
+    log_name          text NOT NULL,
+    fingerprint       text NOT NULL,
+    fingerprint_bytes integer NOT NULL CHECK (fingerprint_bytes > 0),
+    path              text NOT NULL,
+    device            bigint NOT NULL,
+    inode             bigint NOT NULL,
+    offset_bytes      bigint NOT NULL CHECK (offset_bytes >= 0),
+    finished          boolean NOT NULL DEFAULT false,
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (log_name, fingerprint)
 );
 
--- Lines matching each pattern, per scan; the baseline is built from earlier days' counts.
+-- Lines scanned, and lines matching each pattern, per log and UTC day; every scan of the day
+-- adds to the day's rows in the transaction that moves the offsets. A day without rows was not
+-- scanned, a day scanned with nothing matching has zeros; baselines are built from the rows.
 CREATE TABLE log_counts (
-    id          bigserial PRIMARY KEY,
     log_name    text NOT NULL,
-    pattern     text NOT NULL,
     day         date NOT NULL,
-    lines       bigint NOT NULL,
-    matches     bigint NOT NULL,
-    scanned_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (log_name, pattern, day)
+    pattern     text NOT NULL,
+    lines       bigint NOT NULL CHECK (lines >= 0),
+    matches     bigint NOT NULL CHECK (matches >= 0),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (log_name, day, pattern)
 );
