@@ -97,7 +97,7 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
 
 def _parameters(runbook: RunbookConfig, occurrence: Any) -> tuple[list[dict[str, Any]], list[str]]:
     params, problems = [], []
-    for step in runbook.steps:
+    for step in [*runbook.steps, *runbook.rollback]:
         resolved, found = resolve_references(
             step.params, occurrence["labels"], occurrence["annotations"]
         )

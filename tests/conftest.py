@@ -142,6 +142,46 @@ def write_config() -> None:
                 "on_failure": {"escalate": True, "severity": "critical"},
             },
             {
+                "name": "change-with-rollback",
+                "matchers": ['alertname="Change"'],
+                "steps": [
+                    {
+                        "name": "apply",
+                        "kind": "recover",
+                        "action": "run_command",
+                        "params": {
+                            "argv": [
+                                python,
+                                str(DATA / "write_state.py"),
+                                "{{ annotations.state_file }}",
+                                "new",
+                            ]
+                        },
+                    },
+                    {
+                        "name": "confirm",
+                        "kind": "verify",
+                        "action": "check_http",
+                        "params": {"url": "{{ annotations.health_url }}", "timeout_s": 1},
+                    },
+                ],
+                "rollback": [
+                    {
+                        "name": "restore",
+                        "kind": "recover",
+                        "action": "run_command",
+                        "params": {
+                            "argv": [
+                                python,
+                                str(DATA / "write_state.py"),
+                                "{{ annotations.state_file }}",
+                                "{{ annotations.restore_to }}",
+                            ]
+                        },
+                    },
+                ],
+            },
+            {
                 "name": "long-step",
                 "matchers": ['alertname="LongStep"'],
                 "steps": [

@@ -92,7 +92,16 @@ class RunbookConfig(Strict):
     name: str = Field(min_length=1)
     matchers: list[Annotated[str, AfterValidator(_valid_matcher)]] = Field(min_length=1)
     steps: list[StepConfig] = Field(min_length=1)
+    # Run in order when a step fails, to put back what the steps changed; escalation follows.
+    rollback: list[StepConfig] = []
     on_failure: OnFailure = OnFailure()
+
+    @model_validator(mode="after")
+    def _rollback_kinds(self) -> RunbookConfig:
+        for step in self.rollback:
+            if step.kind not in ("recover", "verify"):
+                raise ValueError(f"rollback step {step.name!r}: kind must be recover or verify")
+        return self
 
     def parsed_matchers(self) -> list[Matcher]:
         return [parse_matcher(text) for text in self.matchers]
@@ -355,7 +364,8 @@ class _Runbook(NamedTuple):
 
     where: str
     name: Any
-    steps: list[tuple[int, StepConfig]]
+    # Each valid step with its path inside the runbook: steps[j] or rollback[j].
+    steps: list[tuple[str, StepConfig]]
 
 
 class _Target(NamedTuple):
@@ -368,7 +378,12 @@ class _Target(NamedTuple):
 
 def _runbooks_of(config: Config) -> list[_Runbook]:
     return [
-        _Runbook(f"runbooks[{i}]", runbook.name, list(enumerate(runbook.steps)))
+        _Runbook(
+            f"runbooks[{i}]",
+            runbook.name,
+            [(f"steps[{j}]", step) for j, step in enumerate(runbook.steps)]
+            + [(f"rollback[{j}]", step) for j, step in enumerate(runbook.rollback)],
+        )
         for i, runbook in enumerate(config.runbooks)
     ]
 
@@ -378,17 +393,22 @@ def _raw_runbooks(data: dict[str, Any]) -> list[_Runbook]:
     if not isinstance(raw, list):
         return []
     return [
-        _Runbook(f"runbooks[{i}]", item.get("name"), _valid_steps(item.get("steps")))
+        _Runbook(
+            f"runbooks[{i}]",
+            item.get("name"),
+            _valid_steps("steps", item.get("steps"))
+            + _valid_steps("rollback", item.get("rollback")),
+        )
         for i, item in enumerate(raw)
         if isinstance(item, dict)
     ]
 
 
-def _valid_steps(raw: Any) -> list[tuple[int, StepConfig]]:
+def _valid_steps(field: str, raw: Any) -> list[tuple[str, StepConfig]]:
     if not isinstance(raw, list):
         return []
-    steps = [(j, _validated(StepConfig, item)) for j, item in enumerate(raw)]
-    return [(j, step) for j, step in steps if step is not None]
+    steps = [(f"{field}[{j}]", _validated(StepConfig, item)) for j, item in enumerate(raw)]
+    return [(path, step) for path, step in steps if step is not None]
 
 
 def _targets_of(checks: ChecksConfig) -> list[_Target]:
@@ -454,8 +474,8 @@ def _check_runbooks(runbooks: list[_Runbook], actions: ActionsConfig) -> list[st
     for where, name, steps in runbooks:
         if _seen_before(name, seen):
             problems.append(f"{where}.name: duplicate runbook name {name!r}")
-        for j, step in steps:
-            problems += _check_step(step, f"{where}.steps[{j}]", actions)
+        for path, step in steps:
+            problems += _check_step(step, f"{where}.{path}", actions)
     return problems
 
 

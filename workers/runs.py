@@ -2,6 +2,10 @@
 
 Every transition locks the run row first and its steps second, so a cancellation from the
 webhook and a step finishing on a worker never interleave.
+
+A runbook's steps run in order. When one fails, the rest are skipped and its rollback steps
+(stored with the run, phase "rollback") run in order to put back what was changed; then the run
+is escalated. A rollback step that fails ends the rollback and escalates at once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from workers.db import Connection, Row
 log = logging.getLogger(__name__)
 
 ACTIVE_RUN = ("running", "waiting")
+MAIN = "main"
+ROLLBACK = "rollback"
+# The escalation a failure adds after everything else.
+ESCALATION = "escalation"
 # Steps whose worker died are re-run at most this many times in all, and only when idempotent.
 MAX_TRIES = 3
 
@@ -64,8 +72,10 @@ def create_run(
         """,
         (occurrence_id, runbook.name, trigger, runbook.on_failure.model_dump_json()),
     ).fetchone()["id"]  # type: ignore[index]
-    for position, (step, step_params) in enumerate(zip(runbook.steps, params, strict=True)):
-        _insert_step(conn, run_id, position, step, step_params)
+    steps = [*runbook.steps, *runbook.rollback]
+    for position, (step, step_params) in enumerate(zip(steps, params, strict=True)):
+        phase = MAIN if position < len(runbook.steps) else ROLLBACK
+        _insert_step(conn, run_id, position, step, step_params, phase)
     event(
         conn,
         "run_created",
@@ -78,9 +88,15 @@ def create_run(
 
 
 def _insert_step(
-    conn: Connection, run_id: int, position: int, step: StepConfig, params: dict[str, Any]
+    conn: Connection,
+    run_id: int,
+    position: int,
+    step: StepConfig,
+    params: dict[str, Any],
+    phase: str = MAIN,
 ) -> None:
     spec = step.model_dump(include={"attempts", "delay_s", "accept", "idempotent", "timeout_s"})
+    spec["phase"] = phase
     if spec["idempotent"] is None:
         spec["idempotent"] = step.kind in ("check", "verify", "escalate")
     conn.execute(
@@ -206,46 +222,112 @@ def finish_step(conn: Connection, claim: Claim, outcome: Outcome, actor: str) ->
     return fail_run(conn, run, claim.step, outcome.error or "step failed", actor)
 
 
-def _advance(conn: Connection, run: Row, step: Row) -> list[StepRef]:
-    following = conn.execute(
-        "SELECT position FROM steps WHERE run_id = %s AND status = 'pending'"
-        " ORDER BY position LIMIT 1",
-        (run["id"],),
+def phase_of(step: Row) -> str:
+    return str(step["spec"].get("phase", MAIN))
+
+
+def _next_pending(conn: Connection, run_id: int, phase: str) -> Row | None:
+    return conn.execute(
+        """
+        SELECT position FROM steps
+         WHERE run_id = %s AND status = 'pending' AND coalesce(spec->>'phase', 'main') = %s
+         ORDER BY position LIMIT 1
+        """,
+        (run_id, phase),
     ).fetchone()
+
+
+def _skip(conn: Connection, run_id: int, phase: str, reason: str) -> None:
+    conn.execute(
+        """
+        UPDATE steps SET status = 'skipped', finished_at = now(), error = %s
+         WHERE run_id = %s AND status IN ('pending', 'waiting')
+           AND coalesce(spec->>'phase', 'main') = %s
+        """,
+        (reason, run_id, phase),
+    )
+
+
+def _advance(conn: Connection, run: Row, step: Row) -> list[StepRef]:
+    phase = phase_of(step)
+    if phase == ESCALATION:
+        _finish_run(conn, run["id"], "escalated")
+        return []
+    following = _next_pending(conn, run["id"], phase)
     if following is not None:
         return [_mark_dispatched(conn, run["id"], following["position"])]
+    if phase == ROLLBACK:
+        # Put back; the failure that started the rollback is still a person's business.
+        event(conn, "rollback_done", "caretaker", "rollback done", run_id=run["id"])
+        failed = conn.execute(
+            """
+            SELECT * FROM steps WHERE run_id = %s AND status = 'failed'
+               AND coalesce(spec->>'phase', 'main') = 'main'
+             ORDER BY position LIMIT 1
+            """,
+            (run["id"],),
+        ).fetchone()
+        assert failed is not None
+        reason = f"step {failed['name']} failed: {failed['error']}; rolled back"
+        return _escalate(conn, run, failed, reason, "caretaker")
+    _skip(conn, run["id"], ROLLBACK, "not needed: the run succeeded")
     status = "escalated" if step["kind"] == "escalate" else "recovered"
     _finish_run(conn, run["id"], status)
     return []
 
 
 def fail_run(conn: Connection, run: Row, step: Row, reason: str, actor: str) -> list[StepRef]:
-    """Handle a failed step of a locked run: skip the rest, and escalate unless that failed."""
-    conn.execute(
-        """
-        UPDATE steps SET status = 'skipped', finished_at = now(), error = 'an earlier step failed'
-         WHERE run_id = %s AND status IN ('pending', 'waiting')
-        """,
-        (run["id"],),
-    )
-    if step["kind"] == "escalate" or not run["on_failure"].get("escalate", True):
-        if step["kind"] == "escalate":
-            # Nobody has been told: this line in the log is the last resort.
-            log.error("escalation failed run_id=%s error=%s", run["id"], reason)
+    """Handle a failed step of a locked run: skip the rest, roll back what the runbook says,
+    and escalate unless escalating is what failed."""
+    _skip(conn, run["id"], MAIN, "an earlier step failed")
+    if step["kind"] == "escalate":
+        # Nobody has been told: this line in the log is the last resort.
+        log.error("escalation failed run_id=%s error=%s", run["id"], reason)
         _finish_run(conn, run["id"], "failed")
         return []
+    if phase_of(step) == ROLLBACK:
+        _skip(conn, run["id"], ROLLBACK, "an earlier rollback step failed")
+        failed = conn.execute(
+            """
+            SELECT name, error FROM steps WHERE run_id = %s AND status = 'failed'
+               AND coalesce(spec->>'phase', 'main') = 'main'
+             ORDER BY position LIMIT 1
+            """,
+            (run["id"],),
+        ).fetchone()
+        before = f" after step {failed['name']} failed: {failed['error']}" if failed else ""
+        return _escalate(
+            conn, run, step, f"rollback step {step['name']} failed: {reason}{before}", actor
+        )
+    rollback = _next_pending(conn, run["id"], ROLLBACK)
+    if rollback is not None:
+        event(
+            conn,
+            "rollback_started",
+            actor,
+            f"step {step['name']} failed: {reason}; rolling back",
+            run_id=run["id"],
+            step_id=step["id"],
+        )
+        return [_mark_dispatched(conn, run["id"], rollback["position"])]
+    return _escalate(conn, run, step, f"step {step['name']} failed: {reason}", actor)
 
+
+def _escalate(conn: Connection, run: Row, step: Row, reason: str, actor: str) -> list[StepRef]:
+    if not run["on_failure"].get("escalate", True):
+        _finish_run(conn, run["id"], "failed")
+        return []
     position = conn.execute(
         "SELECT max(position) + 1 AS next FROM steps WHERE run_id = %s", (run["id"],)
     ).fetchone()["next"]  # type: ignore[index]
     escalation = StepConfig(name="escalate", kind="escalate", action="escalate", timeout_s=60)
     params = {
         "severity": run["on_failure"].get("severity", "critical"),
-        "reason": f"step {step['name']} failed: {reason}",
+        "reason": reason,
         "failed_step_id": step["id"],
     }
-    _insert_step(conn, run["id"], position, escalation, params)
-    event(conn, "escalation_planned", actor, params["reason"], run_id=run["id"], step_id=step["id"])
+    _insert_step(conn, run["id"], position, escalation, params, ESCALATION)
+    event(conn, "escalation_planned", actor, reason, run_id=run["id"], step_id=step["id"])
     return [_mark_dispatched(conn, run["id"], position)]
 
 
