@@ -324,6 +324,26 @@ class BackupsConfig(Strict):
     verify_days: float = Field(default=1.0, gt=0, le=366)
 
 
+class ServiceTarget(Strict):
+    """A service caretaker may change: its Python environment, how to test, restart and
+    check it, where its code and requirements live. caretaker's own environment is never one
+    unless named here."""
+
+    name: str = Field(pattern=_NAME)
+    # The interpreter of the service's environment (a venv's bin/python).
+    python: Path
+    test_command: list[str] = []
+    restart_command: list[str] = []
+    health: StepConfig | None = None
+    repository: Path | None = None
+    requirements: Path | None = None
+    app_dir: Path | None = None
+    migrate_command: list[str] = []
+    database: DatabaseRef | None = None
+    # Targets updated in order of stage (staging 0 before production 1); equal stages together.
+    stage: int = Field(default=0, ge=0)
+
+
 class Config(Strict):
     runbooks: list[RunbookConfig] = []
     checks: ChecksConfig = ChecksConfig()
@@ -331,6 +351,7 @@ class Config(Strict):
     notify: NotifyConfig = NotifyConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     backups: BackupsConfig = BackupsConfig()
+    targets: list[ServiceTarget] = []
     default_severity: Severity = "critical"
 
 
@@ -575,6 +596,17 @@ def _check_sections(config: Config) -> list[str]:
             if _seen_before(item.name, seen):
                 problems.append(f"backups.{section}[{i}].name: {item.name!r} is used twice")
             problems += _check_dependants(item.dependants, f"backups.{section}[{i}]", config)
+    seen = set()
+    for i, target in enumerate(config.targets):
+        where = f"targets[{i}]"
+        if _seen_before(target.name, seen):
+            problems.append(f"{where}.name: {target.name!r} is used twice")
+        for field in ("test_command", "restart_command", "migrate_command"):
+            argv = getattr(target, field)
+            if argv and argv[0] not in config.actions.allowlist:
+                problems.append(f"{where}.{field}: {argv[0]!r} is not in actions.allowlist")
+        if target.health is not None:
+            problems += _check_step(target.health, f"{where}.health", config.actions)
     for i, name in enumerate(config.analysis.review_databases):
         found = config.checks.find(name)
         if found is None or found[1].check != "postgres":
