@@ -4,7 +4,6 @@ anomalies and recommendations, and the slowest statements of the reviewed databa
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -161,8 +160,8 @@ def _review_database(name: str, config: Config, reset: bool) -> dict[str, Any]:
     try:
         dsn = read_env_secret(params.dsn_env) if params.dsn_env else params.dsn
         assert dsn is not None
-        stats = asdict(slowest_queries(dsn, limit=SLOWEST_QUERIES, reset=reset))
-    except (KeyError, SourceError) as exc:
+        stats = slowest_queries(dsn, limit=SLOWEST_QUERIES, reset=reset).to_json()
+    except (KeyError, ValueError, SourceError) as exc:
         log.warning("review database unreadable name=%s error=%s", name, exc)
         return {"target": name, "available": False, "reason": str(exc), "queries": []}
     return {"target": name} | stats | {"recommendations": _database_advice(name, stats)}
