@@ -46,6 +46,14 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "task": "caretaker.analysis.capacity_plan",
             "schedule": crontab(minute=30, hour=settings.daily_report_hour_utc, day_of_month=1),
         },
+        "backups-daily": {
+            "task": "caretaker.maintenance.create_backups",
+            "schedule": crontab(minute=0, hour=settings.backup_hour_utc),
+        },
+        "backup-verification-daily": {
+            "task": "caretaker.maintenance.verify_backups",
+            "schedule": crontab(minute=0, hour=(settings.backup_hour_utc + 2) % 24),
+        },
         "beat-tick": {
             "task": "caretaker.health.record_beat_tick",
             "schedule": BEAT_TICK_S,

@@ -43,6 +43,8 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.health.report_daily": "checks",
         "caretaker.health.run_round": "checks",
         "caretaker.commands.run_command": "remediation",
+        "caretaker.maintenance.create_backups": "maintenance",
+        "caretaker.maintenance.verify_backups": "maintenance",
         "caretaker.incidents.send_notification": "incidents",
         "caretaker.runs.execute_step": "alerts",
         "caretaker.sweeper.sweep_lost_work": "alerts",
@@ -95,3 +97,12 @@ def test_the_calendar_holds_the_analysis_and_every_entry_names_a_known_task() ->
     monthly = schedule["capacity-plan-monthly"]["schedule"]
     assert (monthly.day_of_month, monthly.hour, monthly.minute) == ({1}, {5}, {30})
     assert {entry["task"] for entry in schedule.values()} <= set(app.tasks)
+
+
+def test_backups_are_made_daily_and_verified_two_hours_later() -> None:
+    schedule = build_schedule(Settings(backup_hour_utc=23))
+
+    made = schedule["backups-daily"]["schedule"]
+    verified = schedule["backup-verification-daily"]["schedule"]
+    assert (made.hour, made.minute) == ({23}, {0})
+    assert (verified.hour, verified.minute) == ({1}, {0})

@@ -32,6 +32,7 @@ TASK_MODULES = [
     "tasks.health",
     "tasks.analysis",
     "tasks.logscan",
+    "tasks.backups",
 ]
 
 

@@ -669,6 +669,79 @@ def _series(read: Any, path: str) -> Any:
 
 
 @cli.group()
+def backups() -> None:
+    """Backups of databases and directories, verified by a full restore."""
+
+
+@backups.command("create")
+@click.option("--target", "target_name", metavar="NAME", help="A target of the backups section.")
+@click.option("--db", "dsn", metavar="URL", help="Any database, ad hoc; a URL without a password.")
+def backups_create(target_name: str | None, dsn: str | None) -> None:
+    """Back up one target now, in this process; the backup is recorded unverified."""
+    from workers.config import check_dsn
+
+    if (target_name is None) == (dsn is None):
+        raise click.UsageError("give exactly one of --target NAME and --db URL")
+    if dsn is not None:
+        try:
+            check_dsn(dsn)
+        except ValueError as exc:
+            # The message names no part of the URL, which may hold the password.
+            raise click.ClickException(f"--db: {exc}") from None
+
+    from tasks.backups import create_now
+
+    row = create_now(target_name, dsn)
+    click.echo(
+        f"backup {row['id']} of {row['target']}: {row['key']}"
+        f" ({row['size_bytes']} bytes, sha256 {row['sha256']}), unverified"
+    )
+
+
+@backups.command("list")
+@click.option("--target", "target_name", metavar="NAME")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def backups_list(target_name: str | None, limit: int, as_json: bool) -> None:
+    """Backups, newest first, with their verification status."""
+    from tasks.backups import backup_rows
+
+    rows = backup_rows(target_name, limit)
+    _print(rows, as_json, ["id", "target", "status", "created_at", "size_bytes", "key", "reason"])
+
+
+@backups.command("verify")
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True, max=366),
+    default=None,
+    help="Backups of this many last days (default: backups.verify_days).",
+)
+@click.option("--target", "target_name", metavar="NAME")
+@click.option("--json", "as_json", is_flag=True)
+def backups_verify(days: float | None, target_name: str | None, as_json: bool) -> None:
+    """Restore every backup of the last days not yet verified, in this process, and check
+    it; exit 1 when any is invalid or could not be checked."""
+    from dataclasses import asdict
+
+    from tasks.backups import verify_now
+
+    verdicts = verify_now(days, target_name)
+    if as_json:
+        click.echo(json.dumps([asdict(v) for v in verdicts], indent=2, default=str))
+    for verdict in [] if as_json else verdicts:
+        reason = f": {verdict.reason}" if verdict.reason else ""
+        click.echo(f"backup {verdict.backup_id} {verdict.target}: {verdict.status}{reason}")
+    if not verdicts and not as_json:
+        click.echo("no backups to verify")
+    failed = [v for v in verdicts if v.status in ("invalid", "verification_failed")]
+    if failed:
+        raise click.ClickException(
+            f"{len(failed)} of {len(verdicts)} backups invalid or not verified"
+        )
+
+
+@cli.group()
 def runs() -> None:
     """Runbook runs and their steps."""
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(default=60.0, gt=0)
     check_history_days: float = Field(default=30.0, gt=0)
     daily_report_hour_utc: int = Field(default=6, ge=0, le=23)
+    # Backups are made daily at this hour, verified by restore two hours later, and databases
+    # maintained on Sundays an hour after the backups.
+    backup_hour_utc: int = Field(default=2, ge=0, le=23)
 
     task_soft_time_limit_s: int = Field(default=300, ge=1)
     task_time_limit_s: int = Field(default=360, ge=1)

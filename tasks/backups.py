@@ -1,0 +1,943 @@
+"""Backups of databases and directories (queue `maintenance`), their retention, and their
+verification by a full restore into a scratch database."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import stat
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import psycopg
+from celery.exceptions import SoftTimeLimitExceeded
+from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+
+from tasks.backupstore import BackupStore, StoreError, StoreUnavailable, file_sha256, store_from
+from workers import dispatch, findings
+from workers.app import app
+from workers.config import (
+    BackupDatabase,
+    BackupDirectory,
+    BackupStoreConfig,
+    Config,
+    RetentionConfig,
+    get_config,
+)
+from workers.db import Connection, Row, transaction
+from workers.errors import CaretakerError, NotFound
+
+log = logging.getLogger(__name__)
+
+DUMP_FORMAT = "pg_dump-custom"
+ARCHIVE_FORMAT = "tar.gz"
+# Every archive of pg_dump --format=custom starts with these bytes.
+DUMP_MAGIC = b"PGDMP"
+# Seconds to reach a backed-up server or the one a verification restores on.
+CONNECT_TIMEOUT_S = 10
+# Seconds pg_dump or pg_restore may run: a large database takes hours, a hung one forever.
+TOOL_TIMEOUT_S = 4 * 3600
+# Milliseconds a probe may run on the restored copy.
+PROBE_TIMEOUT_MS = 300_000
+# Characters of a tool's error output, or of a list of differences, kept in a reason.
+REASON_CHARS = 600
+# Seconds a target lease lasts unless renewed; its holder renews it every third of that.
+LEASE_S = 120.0
+# Seconds a backup or verification task may run; the hard limit follows a minute later.
+TASK_SOFT_LIMIT_S = 6 * 3600
+# Statuses of backups that verify_backups still has to verify.
+PENDING_STATUSES = ("unverified", "verification_failed")
+
+USER_TABLES = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema'
+   AND n.nspname NOT LIKE 'pg\\_%'
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                      AND d.objid = c.oid AND d.deptype = 'e')
+ ORDER BY 1, 2
+"""
+
+
+class BackupFailed(CaretakerError):
+    """A backup could not be made; nothing was recorded."""
+
+
+class BackupInvalid(CaretakerError):
+    """The backup cannot be restored as recorded; the message is the reason."""
+
+    def __init__(self, reason: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details or {}
+
+
+class CheckBroken(CaretakerError):
+    """The verification itself could not be carried out; it says nothing about the backup."""
+
+
+class TargetBusy(CaretakerError):
+    """Another process holds the target's lease."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one verification: verified, invalid or verification_failed; busy when
+    refused for another process's lease; verified or deleted when settled before."""
+
+    backup_id: int
+    target: str
+    status: str
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def open_store(config: BackupStoreConfig) -> BackupStore:
+    """The store the backups section names."""
+    if config.kind == "local":
+        return store_from("local", path=config.path)
+    options = {
+        "bucket": config.bucket,
+        "prefix": config.prefix,
+        "endpoint_url": config.endpoint_url,
+        "region": config.region,
+    }
+    return store_from("s3", **{name: value for name, value in options.items() if value})
+
+
+# Leases
+
+
+@contextmanager
+def target_lease(target: str, purpose: str) -> Iterator[str]:
+    """Hold the target's lease while the block runs, renewed in the background; TargetBusy
+    when another holder's lease has not expired. Released at the end, also on failure."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    _take_lease(target, holder, purpose)
+    stop = threading.Event()
+    renewer = threading.Thread(
+        target=_renew_lease, args=(target, holder, stop), name=f"lease-{target}", daemon=True
+    )
+    renewer.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        renewer.join()
+        _release_lease(target, holder)
+
+
+def _take_lease(target: str, holder: str, purpose: str) -> None:
+    # The conflicting row is locked, so of two takers the second sees the first's fresh lease
+    # and gets no row back. An expired lease means its holder died, so it may be taken over.
+    with transaction() as conn:
+        taken = conn.execute(
+            """
+            INSERT INTO target_leases (target, holder, purpose, expires_at)
+            VALUES (%s, %s, %s, now() + make_interval(secs => %s))
+            ON CONFLICT (target) DO UPDATE
+               SET holder = EXCLUDED.holder, purpose = EXCLUDED.purpose,
+                   expires_at = EXCLUDED.expires_at
+             WHERE target_leases.expires_at < now()
+            RETURNING holder
+            """,
+            (target, holder, purpose, LEASE_S),
+        ).fetchone()
+        if taken is not None:
+            return
+        held = conn.execute(
+            "SELECT holder, purpose, expires_at FROM target_leases WHERE target = %s", (target,)
+        ).fetchone()
+    by = f": {held['purpose']} by {held['holder']} until {held['expires_at']}" if held else ""
+    raise TargetBusy(f"target {target} is busy{by}")
+
+
+def _renew_lease(target: str, holder: str, stop: threading.Event) -> None:
+    while not stop.wait(LEASE_S / 3):
+        try:
+            with transaction() as conn:
+                kept = conn.execute(
+                    "UPDATE target_leases SET expires_at = now() + make_interval(secs => %s)"
+                    " WHERE target = %s AND holder = %s",
+                    (LEASE_S, target, holder),
+                ).rowcount
+        except (CaretakerError, psycopg.Error) as exc:
+            log.warning("lease renewal failed target=%s error=%s", target, _one_line(exc))
+            continue
+        if not kept:
+            log.error("lease lost target=%s holder=%s", target, holder)
+            return
+
+
+def _release_lease(target: str, holder: str) -> None:
+    try:
+        with transaction() as conn:
+            conn.execute(
+                "DELETE FROM target_leases WHERE target = %s AND holder = %s", (target, holder)
+            )
+    except (CaretakerError, psycopg.Error) as exc:
+        # Raising here would hide the work's own outcome; the lease expires by itself.
+        log.warning("lease release failed target=%s error=%s", target, _one_line(exc))
+
+
+# Making backups
+
+
+def create_backup(
+    target: BackupDatabase | BackupDirectory, store: BackupStore, task_id: str | None = None
+) -> Row:
+    """Back up one target into the store and record it unverified; BackupFailed if it
+    cannot be made. `task_id`, kept in the manifest, names the task that made it."""
+    try:
+        if isinstance(target, BackupDatabase):
+            return backup_database(target, store, task_id)
+        return backup_directory(target, store, task_id)
+    except psycopg.OperationalError as exc:
+        raise BackupFailed(f"cannot reach target {target.name}: {_one_line(exc)}") from exc
+    except StoreError as exc:
+        raise BackupFailed(f"backup of {target.name} not stored: {exc}") from exc
+    except (OSError, KeyError, subprocess.SubprocessError) as exc:
+        raise BackupFailed(f"backup of {target.name} failed: {_one_line(exc)}") from exc
+
+
+def backup_database(target: BackupDatabase, store: BackupStore, task_id: str | None = None) -> Row:
+    """pg_dump the database, with the row count of every table from the same snapshot;
+    upload the dump and its manifest; record the backup."""
+    created_at = datetime.now(UTC)
+    key = new_key(target.name, created_at, "dump")
+    with tempfile.TemporaryDirectory(prefix="caretaker-backup-") as tmp:
+        dump = Path(tmp) / "backup.dump"
+        taken = dump_database(target.reveal(), dump)
+        manifest = _manifest_head(target.name, "database", created_at, DUMP_FORMAT) | taken
+        manifest["task_id"] = task_id
+        return _upload(store, key, dump, manifest)
+
+
+def dump_database(dsn: str, dest: Path) -> dict[str, Any]:
+    """Dump into dest; return the source, row counts per table and versions, all seen by
+    the one snapshot the dump was taken from."""
+    with psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction():
+            # Held open while pg_dump runs, which a server's idle timeout must not end.
+            conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+            snapshot = _scalar(conn, "SELECT pg_export_snapshot()")
+            tables = count_rows(conn)
+            database = _database_facts(conn)
+            # The exported snapshot lives only while this transaction is open: pg_dump must
+            # import it before the block ends, so the dump holds exactly the counted rows.
+            _run_pg_dump(dsn, snapshot, dest)
+        source = {
+            "host": conn.info.host,
+            "port": conn.info.port,
+            "dbname": conn.info.dbname,
+            "user": conn.info.user,
+        }
+        server_version = conn.info.server_version
+    return {
+        "source": source,
+        "database": database,
+        "tables": tables,
+        "server_version": server_version,
+        "pg_dump_version": _tool_version("pg_dump"),
+    }
+
+
+def _run_pg_dump(dsn: str, snapshot: str, dest: Path) -> None:
+    argv = ["pg_dump", f"--snapshot={snapshot}", "--format=custom", "--no-password"]
+    done = run_pg_tool([*argv, f"--file={dest}"], dsn)
+    if done.returncode != 0:
+        raise BackupFailed(f"pg_dump failed: {_trimmed(done.stderr)}")
+
+
+def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Rows of every user table, as {"schema.table": rows}. Tables of extensions are left
+    out: pg_dump leaves out their rows and CREATE EXTENSION makes its own."""
+    counts: dict[str, int] = {}
+    for schema, table in conn.execute(USER_TABLES).fetchall():
+        query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+        counts[f"{schema}.{table}"] = int(_scalar(conn, query))
+    return counts
+
+
+def _database_facts(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    row = conn.execute(
+        "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database"
+        " WHERE datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    return {"encoding": row[0], "lc_collate": row[1], "lc_ctype": row[2]}
+
+
+def run_pg_tool(argv: list[str], dsn: str) -> subprocess.CompletedProcess[str]:
+    """Run pg_dump or pg_restore, the connection given in the environment: argv is visible
+    to every user of the host, a process's environment only to its owner."""
+    return subprocess.run(
+        argv,
+        env=pg_environment(dsn),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+        check=False,
+    )
+
+
+def pg_environment(dsn: str) -> dict[str, str]:
+    """This process's environment with the DSN's parameters as libpq's PG* variables."""
+    names = _libpq_variables()
+    params = conninfo_to_dict(dsn)
+    ignored = sorted(name for name in params if name not in names)
+    if ignored:
+        log.warning("connection options without a libpq variable ignored options=%s", ignored)
+    given = {names[name]: str(value) for name, value in params.items() if name in names}
+    return {**os.environ, **given}
+
+
+@functools.cache
+def _libpq_variables() -> dict[str, str]:
+    return {
+        option.keyword.decode(): option.envvar.decode()
+        for option in pq.Conninfo.get_defaults()
+        if option.envvar
+    }
+
+
+def _tool_version(tool: str) -> str:
+    done = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def backup_directory(
+    target: BackupDirectory, store: BackupStore, task_id: str | None = None
+) -> Row:
+    """Archive the directory as tar.gz (symlinks kept as links, never followed); upload it
+    and its manifest; record the backup."""
+    if not target.path.is_dir():
+        raise BackupFailed(f"backup of {target.name}: not a directory: {target.path}")
+    created_at = datetime.now(UTC)
+    key = new_key(target.name, created_at, ARCHIVE_FORMAT)
+    with tempfile.TemporaryDirectory(prefix="caretaker-backup-") as tmp:
+        archive = Path(tmp) / "backup.tar.gz"
+        counted = write_archive(target.path, archive)
+        manifest = _manifest_head(target.name, "directory", created_at, ARCHIVE_FORMAT)
+        manifest["source"] = {"host": socket.gethostname(), "path": str(target.path)}
+        manifest["task_id"] = task_id
+        return _upload(store, key, archive, manifest | counted)
+
+
+def write_archive(root: Path, dest: Path) -> dict[str, int]:
+    """Archive root's contents into dest; count files, their bytes and symlinks as an
+    extraction will find them. Sockets, fifos and devices are left out."""
+    counted = {"files": 0, "bytes": 0, "symlinks": 0}
+    sizes: dict[str, int] = {}
+
+    def count(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if info.issym():
+            counted["symlinks"] += 1
+        elif info.isreg() or info.islnk():
+            # A hard link's member is empty; extracted, it is its target's file again.
+            size = sizes.get(info.linkname, 0) if info.islnk() else info.size
+            sizes[info.name] = size
+            counted["files"] += 1
+            counted["bytes"] += size
+        elif not info.isdir():
+            return None
+        return info
+
+    with tarfile.open(dest, "w:gz", compresslevel=6) as archive:
+        for entry in sorted(os.listdir(root)):
+            archive.add(root / entry, arcname=entry, filter=count)
+    return counted
+
+
+def new_key(target: str, created_at: datetime, suffix: str) -> str:
+    """`<target>/<YYYYmmddTHHMMSSZ>-<random>.<suffix>`: sorted by time, never reused."""
+    return f"{target}/{created_at.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}.{suffix}"
+
+
+def _manifest_head(target: str, kind: str, created_at: datetime, fmt: str) -> dict[str, Any]:
+    return {"target": target, "kind": kind, "created_at": created_at.isoformat(), "format": fmt}
+
+
+def _upload(store: BackupStore, key: str, path: Path, manifest: dict[str, Any]) -> Row:
+    size, sha256 = path.stat().st_size, file_sha256(path)
+    manifest |= {"key": key, "size": size, "sha256": sha256}
+    stored = store.put(key, path)
+    if stored.size != size or stored.sha256 not in (None, sha256):
+        raise BackupFailed(f"the store holds other bytes than were sent for {key}")
+    described = path.with_name("manifest.json")
+    described.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    store.put(f"{key}.manifest.json", described)
+
+    with transaction() as conn:
+        row = conn.execute(
+            """
+            INSERT INTO backups (target, kind, store, key, format, size_bytes, sha256,
+                                 manifest, created_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *
+            """,
+            (
+                *(manifest["target"], manifest["kind"], store.describe(), key, manifest["format"]),
+                *(size, sha256, Jsonb(manifest), manifest["created_at"]),
+            ),
+        ).fetchone()
+    assert row is not None
+    log.info("backup recorded target=%s backup_id=%s key=%s", row["target"], row["id"], key)
+    return row
+
+
+# Retention
+
+
+class Dated(NamedTuple):
+    """A backup as retention sees it: when it was made and what became of it."""
+
+    id: int
+    created_at: datetime
+    status: str
+
+
+def select_expired(backups: Sequence[Dated], retention: RetentionConfig) -> set[int]:
+    """Ids of the backups retention removes. Kept: the newest backup of each of the last
+    `daily` days, `weekly` ISO weeks and `monthly` months that have one (UTC), and the newest
+    verified backup. An invalid backup never takes a place."""
+    newest_first = sorted(backups, key=lambda b: (b.created_at, b.id), reverse=True)
+    candidates = [b for b in newest_first if b.status != "invalid"]
+    periods = (
+        (retention.daily, lambda at: at.date()),
+        (retention.weekly, lambda at: at.isocalendar()[:2]),
+        (retention.monthly, lambda at: (at.year, at.month)),
+    )
+    kept: set[int] = set()
+    for count, period in periods:
+        seen: set[Any] = set()
+        for backup in candidates:
+            bucket = period(backup.created_at.astimezone(UTC))
+            if bucket not in seen and len(seen) < count:
+                seen.add(bucket)
+                kept.add(backup.id)
+    verified = [b.id for b in newest_first if b.status == "verified"]
+    kept.update(verified[:1])
+    return {b.id for b in backups} - kept
+
+
+def apply_retention(target: str, store: BackupStore, retention: RetentionConfig) -> list[int]:
+    """Delete the target's expired backups from the store and mark them deleted; return
+    their ids. Holds the target's lease, so no backup is deleted while it is verified."""
+    with target_lease(target, "retention"):
+        with transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, key, created_at, status FROM backups"
+                " WHERE target = %s AND store = %s AND status <> 'deleted' ORDER BY id",
+                (target, store.describe()),
+            ).fetchall()
+        found = [Dated(row["id"], row["created_at"], row["status"]) for row in rows]
+        expired = select_expired(found, retention)
+        for row in rows:
+            if row["id"] in expired:
+                _delete_backup(store, row)
+    log.info(
+        "retention applied target=%s deleted=%d kept=%d",
+        target,
+        len(expired),
+        len(rows) - len(expired),
+    )
+    return sorted(expired)
+
+
+def _delete_backup(store: BackupStore, row: Row) -> None:
+    # The objects go first: a row marked deleted whose delete failed would be orphaned.
+    store.delete(row["key"])
+    store.delete(f"{row['key']}.manifest.json")
+    with transaction() as conn:
+        conn.execute("UPDATE backups SET status = 'deleted' WHERE id = %s", (row["id"],))
+
+
+# Verification
+
+
+def verify_backup(backup_id: int, store: BackupStore, config: Config) -> Verdict:
+    """Restore one backup in full and check it against its manifest; record the attempt and
+    open or end the target's finding. Refused (status busy) while another process holds the
+    target. Harmless twice: a verified backup is not restored again."""
+    row = _load_backup(backup_id)
+    try:
+        with target_lease(row["target"], "verify"):
+            return _verify_leased(backup_id, store, config)
+    except TargetBusy as exc:
+        log.info("verification refused backup_id=%s reason=%s", backup_id, exc)
+        return Verdict(backup_id, row["target"], "busy", str(exc))
+
+
+def _load_backup(backup_id: int) -> Row:
+    with transaction() as conn:
+        row = conn.execute("SELECT * FROM backups WHERE id = %s", (backup_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no backup with id {backup_id}")
+    return row
+
+
+def _verify_leased(backup_id: int, store: BackupStore, config: Config) -> Verdict:
+    # Read again under the lease: the holder before may have settled this backup.
+    row = _load_backup(backup_id)
+    if row["status"] in ("verified", "deleted"):
+        return Verdict(backup_id, row["target"], row["status"], row["reason"])
+    started_at = datetime.now(UTC)
+
+    verdict = _check(row, store, config)
+
+    new_ids, notification_ids = _record(row, verdict, started_at, config)
+    dispatch.try_send("routing", dispatch.route_occurrences, new_ids)
+    dispatch.try_send("notifications", dispatch.send_notifications, notification_ids)
+    level = {"verified": logging.INFO, "invalid": logging.ERROR}.get(
+        verdict.status, logging.WARNING
+    )
+    log.log(
+        level,
+        "backup checked backup_id=%s target=%s status=%s reason=%s",
+        *(backup_id, row["target"], verdict.status, verdict.reason),
+    )
+    return verdict
+
+
+def _check(row: Row, store: BackupStore, config: Config) -> Verdict:
+    try:
+        with tempfile.TemporaryDirectory(prefix="caretaker-verify-") as tmp:
+            path = _fetch(row, store, Path(tmp))
+            if row["kind"] == "database":
+                details = _verify_database(path, row, config)
+            else:
+                details = _verify_directory(path, row, Path(tmp) / "extracted")
+    except BackupInvalid as exc:
+        return Verdict(row["id"], row["target"], "invalid", exc.reason, exc.details)
+    except SoftTimeLimitExceeded:
+        raise
+    # Anything else broke the check itself and says nothing about the backup.
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, CheckBroken) else _one_line(exc)
+        return Verdict(row["id"], row["target"], "verification_failed", reason)
+    return Verdict(row["id"], row["target"], "verified", None, details)
+
+
+def _fetch(row: Row, store: BackupStore, tmp: Path) -> Path:
+    """Download the backup and check that it is the file that was recorded."""
+    if row["store"] != store.describe():
+        raise CheckBroken(f"the backup is in {row['store']}, not in {store.describe()}")
+    try:
+        if store.stat(row["key"]) is None:
+            raise BackupInvalid(f"missing from the store: {row['key']}")
+        path = store.get(row["key"], tmp / "backup")
+    except StoreUnavailable as exc:
+        raise CheckBroken(f"store unreachable: {exc}") from exc
+    except StoreError as exc:
+        raise CheckBroken(f"store error: {exc}") from exc
+
+    size = path.stat().st_size
+    if size != row["size_bytes"]:
+        raise BackupInvalid(f"size mismatch: recorded {row['size_bytes']} bytes, stored {size}")
+    sha256 = file_sha256(path)
+    if sha256 != row["sha256"]:
+        raise BackupInvalid(f"checksum mismatch: recorded sha256 {row['sha256']}, stored {sha256}")
+    return path
+
+
+def _verify_database(path: Path, row: Row, config: Config) -> dict[str, Any]:
+    _check_dump_header(path)
+    dsn = _server_dsn(row, config)
+    admin = make_conninfo(dsn, dbname="postgres")
+    scratch = f"caretaker_verify_{row['id']}_{secrets.token_hex(4)}"
+    started = time.monotonic()
+    try:
+        _create_scratch(admin, scratch, row["manifest"].get("database") or {})
+        _restore(path, dsn, scratch)
+        restore_s = time.monotonic() - started
+        with psycopg.connect(
+            make_conninfo(dsn, dbname=scratch), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+        ) as conn:
+            counts = count_rows(conn)
+            _compare_counts(row["manifest"].get("tables") or {}, counts)
+            probes = _probes(row["target"], config)
+            _run_probes(conn, probes)
+    finally:
+        _drop_scratch(admin, scratch)
+    return {
+        "scratch": scratch,
+        "restore_s": round(restore_s, 3),
+        "tables": len(counts),
+        "rows": sum(counts.values()),
+        "probes": len(probes),
+    }
+
+
+def _check_dump_header(path: Path) -> None:
+    with path.open("rb") as file:
+        head = file.read(len(DUMP_MAGIC))
+    if not head:
+        raise BackupInvalid("not a pg_dump archive: the file is empty")
+    if head != DUMP_MAGIC:
+        raise BackupInvalid(f"not a pg_dump archive: it starts with {head!r}, not {DUMP_MAGIC!r}")
+
+
+def _server_dsn(row: Row, config: Config) -> str:
+    """The server to restore on: the configured target's, or for an ad hoc backup the one it
+    came from, reached as it was then (~/.pgpass or PGPASSWORD give any password)."""
+    for target in config.backups.databases:
+        if target.name == row["target"]:
+            return target.reveal()
+    source = row["manifest"].get("source") or {}
+    return make_conninfo(
+        "", **{k: source[k] for k in ("host", "port", "user", "dbname") if source.get(k)}
+    )
+
+
+def _probes(target: str, config: Config) -> list[str]:
+    found = [t for t in config.backups.databases if t.name == target]
+    return list(found[0].probes) if found else []
+
+
+def _create_scratch(admin: str, name: str, facts: dict[str, str]) -> None:
+    # From template0, in the source's encoding and locale: template1 may hold objects of its
+    # own that would collide with the restore.
+    create = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+    if facts:
+        create += sql.SQL(" ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+            sql.Literal(facts["encoding"]),
+            sql.Literal(facts["lc_collate"]),
+            sql.Literal(facts["lc_ctype"]),
+        )
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            conn.execute(create)
+    except psycopg.OperationalError as exc:
+        raise CheckBroken(f"server unreachable: {_one_line(exc)}") from exc
+
+
+def _restore(path: Path, dsn: str, scratch: str) -> None:
+    argv = ["pg_restore", "--exit-on-error", "--no-owner", "--no-privileges", "--no-password"]
+    done = run_pg_tool([*argv, f"--dbname={scratch}", str(path)], dsn)
+    if done.returncode == 0:
+        return
+    error = _trimmed(done.stderr)
+    if "connection to server" in error:
+        raise CheckBroken(f"server unreachable: {error}")
+    raise BackupInvalid(f"pg_restore failed: {error}")
+
+
+def _compare_counts(expected: dict[str, int], restored: dict[str, int]) -> None:
+    differences = [
+        f"{name}: manifest {expected.get(name, 'none')}, restored {restored.get(name, 'none')}"
+        for name in sorted(expected.keys() | restored.keys())
+        if expected.get(name) != restored.get(name)
+    ]
+    if differences:
+        reason = _trimmed("row counts differ: " + "; ".join(differences))
+        raise BackupInvalid(reason, {"differences": differences})
+
+
+def _run_probes(conn: psycopg.Connection[Any], probes: list[str]) -> None:
+    """Each probe must return one row whose first column is true."""
+    conn.execute(sql.SQL("SET statement_timeout = {}").format(PROBE_TIMEOUT_MS))
+    for probe in probes:
+        try:
+            rows = conn.execute(probe).fetchmany(2)
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            raise BackupInvalid(f"probe failed: {probe}: {_one_line(exc)}") from exc
+        if len(rows) != 1:
+            raise BackupInvalid(f"probe failed: {probe}: returned {len(rows) or 'no'} rows")
+        if rows[0][0] is not True:
+            raise BackupInvalid(f"probe failed: {probe}: returned {rows[0][0]!r}")
+
+
+def _drop_scratch(admin: str, name: str) -> None:
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            conn.execute(drop)
+    except psycopg.Error as exc:
+        # Raising here would hide the verification's outcome; a person must drop it.
+        log.error("scratch database left behind name=%s error=%s", name, _one_line(exc))
+
+
+def _verify_directory(path: Path, row: Row, dest: Path) -> dict[str, Any]:
+    dest.mkdir()
+    _extract(path, dest)
+    found = _count_tree(dest)
+    manifest = row["manifest"]
+    differences = [
+        f"{name}: manifest {manifest.get(name)}, extracted {value}"
+        for name, value in found.items()
+        if manifest.get(name) != value
+    ]
+    if differences:
+        raise BackupInvalid("contents differ: " + "; ".join(differences))
+    return found
+
+
+def _extract(path: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            members = archive.getmembers()
+            for member in members:
+                _refuse_escaping(member)
+            # The "tar" filter also refuses writing through a symlink that leads out.
+            archive.extractall(dest, members=members, filter="tar")
+    except tarfile.FilterError as exc:
+        name = exc.tarinfo.name
+        raise BackupInvalid(f"member escapes the directory: {name}") from exc
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise BackupInvalid(f"not a readable tar.gz archive: {_one_line(exc)}") from exc
+
+
+def _refuse_escaping(member: tarfile.TarInfo) -> None:
+    for name in (member.name, member.linkname if member.islnk() else ""):
+        normal = os.path.normpath(name) if name else ""
+        if os.path.isabs(name) or normal == ".." or normal.startswith("../"):
+            raise BackupInvalid(f"member escapes the directory: {name}")
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        raise BackupInvalid(f"unexpected member type: {member.name}")
+
+
+def _count_tree(root: Path) -> dict[str, int]:
+    found = {"files": 0, "bytes": 0, "symlinks": 0}
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            info = os.lstat(os.path.join(folder, name))
+            if stat.S_ISLNK(info.st_mode):
+                found["symlinks"] += 1
+            elif stat.S_ISREG(info.st_mode):
+                found["files"] += 1
+                found["bytes"] += info.st_size
+    return found
+
+
+def _record(
+    row: Row, verdict: Verdict, started_at: datetime, config: Config
+) -> tuple[list[int], list[int]]:
+    """Store the attempt and the backup's new status; return new occurrences to route and
+    notifications to send after commit."""
+    with transaction() as conn:
+        conn.execute(
+            "UPDATE backups SET status = %s, reason = %s, checked_at = now()"
+            " WHERE id = %s AND status <> 'deleted'",
+            (verdict.status, verdict.reason, row["id"]),
+        )
+        conn.execute(
+            "INSERT INTO backup_checks (backup_id, status, reason, details, started_at)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (row["id"], verdict.status, verdict.reason, Jsonb(verdict.details), started_at),
+        )
+        return _settle_finding(conn, row, verdict, config)
+
+
+def _settle_finding(
+    conn: Connection, row: Row, verdict: Verdict, config: Config
+) -> tuple[list[int], list[int]]:
+    """An invalid latest backup opens the target's finding; a verified latest ends it."""
+    if verdict.status not in ("verified", "invalid"):
+        return [], []
+    latest = conn.execute(
+        "SELECT id FROM backups WHERE target = %s AND status <> 'deleted'"
+        " ORDER BY created_at DESC, id DESC LIMIT 1",
+        (row["target"],),
+    ).fetchone()
+    if latest is None or latest["id"] != row["id"]:
+        return [], []
+    key = f"backup:{row['target']}"
+    if verdict.status == "verified":
+        return [], findings.clear_finding(conn, key, f"backup {row['id']} verified", config)
+    labels = {"alertname": "BackupInvalid", "target": row["target"], "severity": "critical"}
+    summary = f"the latest backup of {row['target']} is invalid: {verdict.reason}"
+    new_id = findings.raise_finding(conn, key, labels, summary)
+    return ([new_id] if new_id is not None else []), []
+
+
+def pending_backups(days: float, target: str | None = None) -> list[int]:
+    """Ids of the backups of the last `days` not yet verified, oldest first."""
+    with transaction() as conn:
+        rows = conn.execute(
+            """
+            SELECT id FROM backups
+             WHERE created_at >= now() - make_interval(secs => %(seconds)s)
+               AND status = ANY(%(statuses)s)
+               AND (%(target)s::text IS NULL OR target = %(target)s)
+             ORDER BY created_at, id
+            """,
+            {"seconds": days * 86400, "statuses": list(PENDING_STATUSES), "target": target},
+        ).fetchall()
+    return [row["id"] for row in rows]
+
+
+# Entry points: the tasks and the command line
+
+
+@app.task(
+    name="caretaker.maintenance.create_backups",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=TASK_SOFT_LIMIT_S,
+    time_limit=TASK_SOFT_LIMIT_S + 60,
+)
+def create_backups(self: Any) -> dict[str, Any]:
+    """Back up every configured database and directory, then apply retention to each; one
+    target failing leaves the others to be done. Returns the outcome per target.
+
+    A long run outlives the broker's visibility timeout and is delivered again while it works:
+    each target is backed up under its lease, and a target this task (same id) already backed
+    up is skipped, so a redelivery makes no second set. Not retried."""
+    config = get_config()
+    store = open_store(config.backups.store)
+    outcome: dict[str, Any] = {}
+    for target in _targets(config):
+        outcome[target.name] = _create_one(target, store, self.request.id)
+        outcome[target.name]["deleted"] = _retain(target.name, store, config.backups.retention)
+    return outcome
+
+
+def _targets(config: Config) -> list[BackupDatabase | BackupDirectory]:
+    return [*config.backups.databases, *config.backups.directories]
+
+
+def _create_one(
+    target: BackupDatabase | BackupDirectory, store: BackupStore, task_id: str | None
+) -> dict[str, Any]:
+    try:
+        with target_lease(target.name, "backup"):
+            made = _made_by(target.name, task_id)
+            if made is not None:
+                return {"status": "done before", "backup_id": made}
+            row = create_backup(target, store, task_id)
+    except SoftTimeLimitExceeded:
+        raise
+    except TargetBusy as exc:
+        log.info("backup skipped target=%s reason=%s", target.name, exc)
+        return {"status": "busy", "error": str(exc)}
+    except Exception as exc:
+        log.error("backup failed target=%s error=%s", target.name, _one_line(exc))
+        return {"status": "failed", "error": _one_line(exc)}
+    return {"status": "created", "backup_id": row["id"], "key": row["key"]}
+
+
+def _made_by(target: str, task_id: str | None) -> int | None:
+    if task_id is None:
+        return None
+    with transaction() as conn:
+        row = conn.execute(
+            "SELECT id FROM backups WHERE target = %s AND manifest->>'task_id' = %s",
+            (target, task_id),
+        ).fetchone()
+    return None if row is None else int(row["id"])
+
+
+def _retain(target: str, store: BackupStore, retention: RetentionConfig) -> list[int]:
+    try:
+        return apply_retention(target, store, retention)
+    except TargetBusy as exc:
+        log.info("retention skipped target=%s reason=%s", target, exc)
+    except (CaretakerError, psycopg.Error) as exc:
+        log.warning("retention failed target=%s error=%s", target, _one_line(exc))
+    return []
+
+
+@app.task(
+    name="caretaker.maintenance.verify_backups",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=TASK_SOFT_LIMIT_S,
+    time_limit=TASK_SOFT_LIMIT_S + 60,
+)
+def verify_backups(days: float | None = None) -> dict[str, Any]:
+    """Restore and check every backup of the last `days` (default backups.verify_days) not
+    yet verified, oldest first. A target another process works on is left for the next
+    run. Harmless twice; not retried. Returns the outcome per backup id."""
+    outcome: dict[str, Any] = {}
+    for verdict in verify_now(days):
+        outcome[str(verdict.backup_id)] = asdict(verdict)
+    return outcome
+
+
+def verify_now(days: float | None = None, target: str | None = None) -> list[Verdict]:
+    """Verify the pending backups, in this process, with the process's configuration."""
+    config = get_config()
+    store = open_store(config.backups.store)
+    ids = pending_backups(config.backups.verify_days if days is None else days, target)
+    return [verify_backup(backup_id, store, config) for backup_id in ids]
+
+
+def create_now(target_name: str | None = None, dsn: str | None = None) -> Row:
+    """Back up a configured target, or any database by DSN (without a password), now."""
+    config = get_config()
+    if dsn is not None:
+        target: BackupDatabase | BackupDirectory = BackupDatabase(name=_adhoc_name(dsn), dsn=dsn)
+    else:
+        configured = {t.name: t for t in _targets(config)}
+        if target_name not in configured:
+            known = ", ".join(sorted(configured)) or "none"
+            raise NotFound(f"no backup target named {target_name!r} (configured: {known})")
+        target = configured[target_name]
+    return create_backup(target, open_store(config.backups.store))
+
+
+def _adhoc_name(dsn: str) -> str:
+    # Apart from configured targets, whose probes and findings are not for this database.
+    dbname = str(conninfo_to_dict(dsn).get("dbname") or "")
+    name = re.sub(r"[^a-z0-9._-]+", "-", dbname.lower()).strip("-._")
+    if not name:
+        raise BackupFailed("the connection string names no database (add /DBNAME)")
+    return f"adhoc-{name}"
+
+
+def backup_rows(target: str | None, limit: int) -> list[dict[str, Any]]:
+    """Backups, newest first, as plain data; times in UTC ISO 8601."""
+    with transaction() as conn:
+        rows = conn.execute(
+            """
+            SELECT id, target, kind, status, created_at, checked_at, size_bytes, sha256, key,
+                   store, reason
+              FROM backups WHERE %(target)s::text IS NULL OR target = %(target)s
+             ORDER BY created_at DESC, id DESC LIMIT %(limit)s
+            """,
+            {"target": target, "limit": limit},
+        ).fetchall()
+    return [
+        {k: v.astimezone(UTC).isoformat() if isinstance(v, datetime) else v for k, v in r.items()}
+        for r in rows
+    ]
+
+
+def _scalar(conn: psycopg.Connection[Any], query: Any) -> Any:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(exc).__name__
+
+
+def _trimmed(text: str) -> str:
+    joined = " ".join(text.split())
+    return joined if len(joined) <= REASON_CHARS else joined[: REASON_CHARS - 3] + "..."
