@@ -13,10 +13,21 @@ from pydantic import BaseModel, ValidationError
 from tasks.checks import CheckResult, HttpParams, SystemParams, check_http, check_system
 from tasks.commands import CommandParams
 from tasks.datachecks import PostgresParams, RedisParams, check_postgres, check_redis
+from tasks.hotfix import (
+    InstallParams,
+    PinParams,
+    RestoreParams,
+    TargetParams,
+    pin_in_repository,
+    pip_install,
+    record_versions,
+    restore_versions,
+)
 from tasks.incidents import EscalateParams
 from tasks.netchecks import DnsParams, TlsParams, check_dns, check_tls
 from tasks.selfchecks import QueuesParams, check_queues
 from workers.config import ActionsConfig
+from workers.runs import Outcome, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,8 @@ class Action:
     kinds: tuple[str, ...]
     params: type[BaseModel]
     check: Callable[[Any], CheckResult] | None = None
+    # A built-in recover action: carried out in the worker with its run's context.
+    perform: Callable[[Any, StepContext], Outcome] | None = None
 
     def check_params(self, params: dict[str, Any], actions: ActionsConfig, where: str) -> list[str]:
         """Every problem with a step's parameters, each prefixed by its path."""
@@ -90,5 +103,9 @@ ACTIONS: dict[str, Action] = {
         Action("check_queues", CHECK_KINDS, QueuesParams, check_queues),
         Action("run_command", ("recover",), CommandParams),
         Action("escalate", ("escalate",), EscalateParams),
+        Action("record_versions", ("recover",), TargetParams, perform=record_versions),
+        Action("pip_install", ("recover",), InstallParams, perform=pip_install),
+        Action("restore_versions", ("recover",), RestoreParams, perform=restore_versions),
+        Action("pin_in_repository", ("recover",), PinParams, perform=pin_in_repository),
     )
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tasks.hotfix import ADVISORY_ALERT, hotfix_runbook
+from tasks.hotfix import RUNBOOK_PREFIX as HOTFIX_PREFIX
 from workers import dispatch, runs
 from workers.app import app
 from workers.config import (
@@ -18,6 +20,7 @@ from workers.config import (
 from workers.db import Connection, transaction
 from workers.health import SOURCE_CHECK
 from workers.matchers import matches_all
+from workers.occurrences import SOURCE_ALERTMANAGER
 from workers.runs import StepRef
 
 log = logging.getLogger(__name__)
@@ -40,12 +43,30 @@ def matching_runbook(config: Config, labels: dict[str, str]) -> RunbookConfig | 
 def plan(config: Config, occurrence: Any) -> RunbookConfig | None:
     """The runbook an occurrence gets; None for a warning nothing recovers, which is recorded."""
     labels = occurrence["labels"]
+    if labels.get("alertname") == ADVISORY_ALERT and occurrence["source"] != SOURCE_ALERTMANAGER:
+        return matching_runbook(config, labels) or _hotfix(config, labels)
     if occurrence["source"] != SOURCE_CHECK:
         return select_runbook(config, labels)
     if labels.get("severity") == "critical":
         summary = occurrence["annotations"].get("summary", labels.get("component", ""))
         return escalate_only(config, f"health check critical: {summary}")
     return matching_runbook(config, labels)
+
+
+def _hotfix(config: Config, labels: dict[str, str]) -> RunbookConfig:
+    """The built-in hotfix run of a critical advisory, or escalation when it cannot be made."""
+    if labels.get("severity") != "critical":
+        return escalate_only(config, f"advisory {labels.get('advisory')}: not critical")
+    target = next((t for t in config.targets if t.name == labels.get("target")), None)
+    if target is None:
+        return escalate_only(config, f"no target named {labels.get('target')!r} to hotfix")
+    fixed = labels.get("fixed_version")
+    if not fixed:
+        return escalate_only(config, f"advisory {labels.get('advisory')}: no fixed version known")
+    try:
+        return hotfix_runbook(target, labels.get("package", ""), fixed, labels.get("advisory", ""))
+    except ValueError as exc:
+        return escalate_only(config, f"hotfix refused: {exc}")
 
 
 def escalate_only(config: Config, reason: str) -> RunbookConfig:
@@ -84,6 +105,11 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
             occurrence_id=occurrence_id,
         )
         return None
+    if runbook.name.startswith(HOTFIX_PREFIX) and _hotfix_running(conn, runbook.name):
+        # One hotfix per target at a time: this one is routed again by the sweeper later.
+        conn.execute("UPDATE occurrences SET routed_at = NULL WHERE id = %s", (occurrence_id,))
+        log.info("hotfix deferred occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
+        return None
     params, problems = _parameters(runbook, occurrence)
     if problems:
         reason = f"runbook {runbook.name} cannot run for this alert: {'; '.join(problems)}"
@@ -93,6 +119,14 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
     first = runs.create_run(conn, occurrence_id, runbook, params, trigger="alert")
     log.info("occurrence routed occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
     return first
+
+
+def _hotfix_running(conn: Connection, runbook: str) -> bool:
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (runbook,))
+    row = conn.execute(
+        "SELECT 1 FROM runs WHERE runbook = %s AND status IN ('running', 'waiting')", (runbook,)
+    ).fetchone()
+    return row is not None
 
 
 def _parameters(runbook: RunbookConfig, occurrence: Any) -> tuple[list[dict[str, Any]], list[str]]:

@@ -71,6 +71,12 @@ def run_command(params: CommandParams, config: Config) -> CommandResult:
     whose daemon inherits stdout must not hold the step (or be killed with it).
     """
     ensure_allowed(params.argv[0], config)
+    return execute(params)
+
+
+def execute(params: CommandParams) -> CommandResult:
+    """Run argv as run_command does, for an executable the configuration already names (a
+    target's interpreter, caretaker's own tools); callers check it."""
     started = time.monotonic()
     try:
         process = subprocess.Popen(

@@ -123,6 +123,12 @@ def _perform(claim: Claim) -> Outcome:
 
 
 def _recover(claim: Claim) -> Outcome:
+    action = ACTIONS.get(claim.step["action"])
+    if action is not None and action.perform is not None:
+        params = action.params.model_validate(claim.step["params"])
+        with transaction() as conn:
+            context = runs.step_context(conn, claim)
+        return action.perform(params, context)
     params = CommandParams.model_validate(claim.step["params"])
     result = run_command(params, get_config())
     error = None

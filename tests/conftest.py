@@ -34,6 +34,9 @@ DATABASE_URL = f"{PG_HOST}/{DB_NAME}"
 STATE_DIR = Path(tempfile.mkdtemp(prefix="caretaker-test-"))
 CONFIG_PATH = STATE_DIR / "config.yml"
 WEBHOOK_TOKEN = "test-token"
+# A service's environment and repository for hotfix tests, made by their fixtures.
+DEMO_VENV = STATE_DIR / "demo-venv"
+DEMO_REPO = STATE_DIR / "demo-repo"
 
 
 def free_port() -> int:
@@ -75,6 +78,22 @@ def write_config() -> None:
                 }
             ]
         },
+        "targets": [
+            {
+                "name": "demo",
+                "python": str(DEMO_VENV / "bin" / "python"),
+                "test_command": [python, str(DATA / "demo_test.py"), str(DEMO_VENV)],
+                "restart_command": [python, "-c", "pass"],
+                "health": {
+                    "name": "health",
+                    "kind": "verify",
+                    "action": "check_http",
+                    "params": {"url": f"http://127.0.0.1:{HEALTH_PORT}/", "timeout_s": 2},
+                },
+                "repository": str(DEMO_REPO),
+                "requirements": str(DEMO_REPO / "requirements.txt"),
+            }
+        ],
         "analysis": {
             "series": [{"name": "web-latency", "target": "web", "baseline_days": 1}],
             "capacity": [

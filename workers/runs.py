@@ -57,6 +57,31 @@ class Outcome:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What a built-in action may know of its run: the results of the steps that succeeded
+    before it, by name (a rollback reads what an earlier step recorded)."""
+
+    run_id: int
+    step_name: str
+    labels: dict[str, str]
+    earlier: dict[str, dict[str, Any]]
+
+
+def step_context(conn: Connection, claim: Claim) -> StepContext:
+    rows = conn.execute(
+        "SELECT name, result FROM steps WHERE run_id = %s AND status = 'succeeded'"
+        " ORDER BY position",
+        (claim.run["id"],),
+    ).fetchall()
+    return StepContext(
+        run_id=claim.run["id"],
+        step_name=claim.step["name"],
+        labels=claim.occurrence["labels"],
+        earlier={row["name"]: row["result"] or {} for row in rows},
+    )
+
+
 def create_run(
     conn: Connection,
     occurrence_id: int,

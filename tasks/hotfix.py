@@ -1,0 +1,392 @@
+"""Security hotfixes as runs: record the installed versions, install the fixed one, test,
+restart, verify, pin it in the repository; on any failure reinstall what was recorded, restart,
+verify, and escalate.
+
+Package names and versions are checked with `packaging` before they reach pip, and pip gets them
+after `--`, so nothing from an advisory or a command line can become a pip option.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.commands import CommandParams, CommandResult, execute
+from workers.config import (
+    OnFailure,
+    RunbookConfig,
+    ServiceTarget,
+    StepConfig,
+    get_config,
+)
+from workers.db import Connection
+from workers.errors import ActionError
+from workers.runs import Outcome, StepContext, event
+from workers.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+RUNBOOK_PREFIX = "hotfix:"
+# The alertname of an advisory finding; its labels name target, package, advisory, fixed_version.
+ADVISORY_ALERT = "SecurityAdvisory"
+SOURCE_MANUAL = "manual"
+PIP_TIMEOUT_S = 900.0
+GIT_TIMEOUT_S = 60.0
+# A branch name part from an advisory id: GHSA-xxxx, PYSEC-2024-1, CVE-2024-1234.
+_ADVISORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Lists the distributions of an environment, run by that environment's own interpreter.
+_LIST_SCRIPT = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() "
+    "if d.metadata['Name']}))"
+)
+
+
+def pinned(spec: str) -> str:
+    """`name==version`, canonical, or ValueError: no options, markers, URLs, extras, ranges."""
+    if not spec or spec.startswith("-") or spec != spec.strip():
+        raise ValueError(f"{spec!r} is not a package pin: expected name==version")
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement as exc:
+        raise ValueError(f"{spec!r} is not a package pin: {exc}") from None
+    if requirement.url or requirement.marker or requirement.extras:
+        raise ValueError(f"{spec!r} is not a package pin: only name==version is accepted")
+    specifiers = list(requirement.specifier)
+    if len(specifiers) != 1 or specifiers[0].operator != "==" or "*" in specifiers[0].version:
+        raise ValueError(f"{spec!r} is not a package pin: expected exactly ==version")
+    try:
+        version = Version(specifiers[0].version)
+    except InvalidVersion:
+        raise ValueError(f"{spec!r} is not a package pin: bad version") from None
+    return f"{canonicalize_name(requirement.name)}=={version}"
+
+
+def advisory_ref(text: str) -> str:
+    if not _ADVISORY.match(text):
+        raise ValueError(f"{text!r} is not an advisory id")
+    return text
+
+
+class TargetParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str
+
+
+class InstallParams(TargetParams):
+    requirements: list[str] = Field(min_length=1)
+
+    @field_validator("requirements")
+    @classmethod
+    def _pins(cls, value: list[str]) -> list[str]:
+        return [pinned(spec) for spec in value]
+
+
+class RestoreParams(TargetParams):
+    # The step whose recorded versions are put back.
+    from_step: str = "record"
+
+
+class PinParams(TargetParams):
+    package: str
+    version: str
+    advisory: str
+
+    @field_validator("advisory")
+    @classmethod
+    def _advisory(cls, value: str) -> str:
+        return advisory_ref(value)
+
+
+def service_target(name: str) -> ServiceTarget:
+    found = next((t for t in get_config().targets if t.name == name), None)
+    if found is None:
+        raise ActionError(f"no target named {name!r} in the configuration")
+    return found
+
+
+def installed_versions(python: Path, timeout_s: float = 60.0) -> dict[str, str]:
+    """Every distribution installed in the environment of `python`, by canonical name."""
+    done = execute(CommandParams(argv=[str(python), "-c", _LIST_SCRIPT], timeout_s=timeout_s))
+    if not done.ok:
+        raise ActionError(f"cannot list the packages of {python}: {_tail(done)}")
+    found: dict[str, str] = json.loads(done.stdout)
+    return {canonicalize_name(name): version for name, version in sorted(found.items())}
+
+
+def pip_install_argv(python: Path, pins: list[str], exact: bool = False) -> list[str]:
+    """pip's argv for the pins, from the configured package index; `exact` installs only
+    them (no dependency changes), as a rollback must."""
+    argv = [str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
+    index = get_settings().package_index_url
+    if index is not None:
+        local = index.removeprefix("file://")
+        if local != index or index.startswith("/"):
+            argv += ["--no-index", "--find-links", local]
+        else:
+            argv += ["--index-url", index]
+    if exact:
+        argv.append("--no-deps")
+    return [*argv, "--", *pins]
+
+
+def record_versions(params: TargetParams, context: StepContext) -> Outcome:
+    """What rollback restores: every installed version. Read-only."""
+    target = service_target(params.target)
+    return Outcome(ok=True, result={"versions": installed_versions(target.python)})
+
+
+def pip_install(params: InstallParams, context: StepContext) -> Outcome:
+    target = service_target(params.target)
+    done = execute(
+        CommandParams(
+            argv=pip_install_argv(target.python, params.requirements), timeout_s=PIP_TIMEOUT_S
+        )
+    )
+    result = done.model_dump()
+    if not done.ok:
+        return Outcome(ok=False, result=result, error=f"pip install failed: {_tail(done)}")
+    after = installed_versions(target.python)
+    result["versions"] = {
+        pin.split("==")[0]: after.get(pin.split("==")[0]) for pin in params.requirements
+    }
+    missing = [pin for pin in params.requirements if pin not in _pins_of(after)]
+    if missing:
+        return Outcome(
+            ok=False, result=result, error=f"not installed after pip: {', '.join(missing)}"
+        )
+    return Outcome(ok=True, result=result)
+
+
+def restore_versions(params: RestoreParams, context: StepContext) -> Outcome:
+    """Put the environment back to the versions an earlier step recorded: changed ones
+    reinstalled exactly, ones that were not there removed."""
+    recorded = context.earlier.get(params.from_step, {}).get("versions")
+    if recorded is None:
+        return Outcome(ok=False, result={}, error=f"step {params.from_step} recorded no versions")
+    target = service_target(params.target)
+    current = installed_versions(target.python)
+    reinstall = [
+        f"{name}=={version}" for name, version in recorded.items() if current.get(name) != version
+    ]
+    remove = [name for name in current if name not in recorded]
+    outputs = []
+    if remove:
+        argv = [str(target.python), "-m", "pip", "uninstall", "--yes", "--", *remove]
+        outputs.append(execute(CommandParams(argv=argv, timeout_s=PIP_TIMEOUT_S)))
+    if reinstall:
+        argv = pip_install_argv(target.python, reinstall, exact=True)
+        outputs.append(execute(CommandParams(argv=argv, timeout_s=PIP_TIMEOUT_S)))
+    after = installed_versions(target.python)
+    result = {"reinstalled": reinstall, "removed": remove, "versions": after}
+    if after != recorded:
+        differ = sorted(n for n in set(after) | set(recorded) if after.get(n) != recorded.get(n))
+        tails = "; ".join(_tail(done) for done in outputs if not done.ok)
+        return Outcome(
+            ok=False,
+            result=result,
+            error=f"still differs from the record: {', '.join(differ)} {tails}".strip(),
+        )
+    return Outcome(ok=True, result=result)
+
+
+def pin_in_repository(params: PinParams, context: StepContext) -> Outcome:
+    """Commit the raised pin on `hotfix/security-<advisory>` in the target's repository, from
+    its HEAD, in a worktree of its own: the checked-out tree is never touched."""
+    target = service_target(params.target)
+    if target.repository is None or target.requirements is None:
+        return Outcome(
+            ok=True, result={"skipped": "the target names no repository and requirements file"}
+        )
+    repo = target.repository
+    requirements = target.requirements
+    relative = requirements.relative_to(repo) if requirements.is_absolute() else requirements
+    branch = f"hotfix/security-{params.advisory}"
+    pin = pinned(f"{params.package}=={params.version}")
+    git = shutil.which("git") or "git"
+    with tempfile.TemporaryDirectory(prefix="caretaker-hotfix-") as tmp:
+        tree = Path(tmp) / "tree"
+        _git(git, repo, "worktree", "add", "--quiet", "-b", branch, str(tree), "HEAD")
+        try:
+            path = tree / relative
+            text = path.read_text() if path.exists() else ""
+            path.write_text(raise_pin(text, pin))
+            _git(git, tree, "add", "--", str(relative))
+            message = (
+                f"Raise {pin} for {params.advisory}\n\n"
+                f"Installed and verified by caretaker, run {context.run_id}."
+            )
+            _git(
+                git,
+                tree,
+                "-c",
+                "user.name=caretaker",
+                "-c",
+                "user.email=caretaker@localhost",
+                "commit",
+                "--quiet",
+                "-m",
+                message,
+            )
+            commit = _git(git, tree, "rev-parse", "HEAD").stdout.strip()
+        finally:
+            _git(git, repo, "worktree", "remove", "--force", str(tree))
+    return Outcome(ok=True, result={"branch": branch, "commit": commit, "pin": pin})
+
+
+def raise_pin(requirements: str, pin: str) -> str:
+    """The requirements text with the package's line replaced by the pin (appended if absent)."""
+    name = pin.split("==")[0]
+    lines = requirements.splitlines()
+    for i, line in enumerate(lines):
+        spec = line.split("#", 1)[0].strip()
+        if not spec or spec.startswith("-"):
+            continue
+        try:
+            found = canonicalize_name(Requirement(spec).name)
+        except InvalidRequirement:
+            continue
+        if found == name:
+            lines[i] = pin
+            break
+    else:
+        lines.append(pin)
+    return "\n".join(lines) + "\n"
+
+
+def hotfix_runbook(
+    target: ServiceTarget, package: str, version: str, advisory: str
+) -> RunbookConfig:
+    """The run a critical advisory gets on a target: the steps the target's configuration
+    allows, and the rollback that undoes them."""
+    pin = pinned(f"{package}=={version}")
+    name = {"target": target.name}
+    steps = [
+        StepConfig(
+            name="record", kind="recover", action="record_versions", params=name, idempotent=True
+        ),
+        StepConfig(
+            name="install",
+            kind="recover",
+            action="pip_install",
+            params=name | {"requirements": [pin]},
+            timeout_s=PIP_TIMEOUT_S + 60,
+        ),
+    ]
+    if target.test_command:
+        steps.append(_command("test", target.test_command))
+    if target.restart_command:
+        steps.append(_command("restart", target.restart_command))
+    if target.health is not None:
+        steps.append(target.health.model_copy(update={"name": "verify", "kind": "verify"}))
+    if target.repository is not None:
+        steps.append(
+            StepConfig(
+                name="pin",
+                kind="recover",
+                action="pin_in_repository",
+                params=name | {"package": package, "version": version, "advisory": advisory},
+            )
+        )
+    rollback = [
+        StepConfig(
+            name="reinstall",
+            kind="recover",
+            action="restore_versions",
+            params=name,
+            timeout_s=2 * PIP_TIMEOUT_S,
+        ),
+    ]
+    if target.restart_command:
+        rollback.append(_command("restart-after-rollback", target.restart_command))
+    if target.health is not None:
+        rollback.append(
+            target.health.model_copy(update={"name": "verify-after-rollback", "kind": "verify"})
+        )
+    return RunbookConfig(
+        name=f"{RUNBOOK_PREFIX}{target.name}",
+        matchers=['alertname="SecurityAdvisory"'],
+        steps=steps,
+        rollback=rollback,
+        on_failure=OnFailure(escalate=True, severity="critical"),
+    )
+
+
+def _command(name: str, argv: list[str]) -> StepConfig:
+    return StepConfig(
+        name=name,
+        kind="recover",
+        action="run_command",
+        params={"argv": argv, "timeout_s": 1800},
+        timeout_s=1860,
+    )
+
+
+def _pins_of(versions: dict[str, str]) -> set[str]:
+    return {f"{name}=={Version(version)}" for name, version in versions.items() if _parses(version)}
+
+
+def _parses(version: str) -> bool:
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True
+
+
+def _git(git: str, where: Path, *args: str) -> CommandResult:
+    done = execute(CommandParams(argv=[git, "-C", str(where), *args], timeout_s=GIT_TIMEOUT_S))
+    if not done.ok:
+        raise ActionError(f"git {args[0]} failed: {_tail(done)}")
+    return done
+
+
+def _tail(done: CommandResult, limit: int = 400) -> str:
+    text = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    return " ".join(text[-5:])[-limit:] if text else f"exit code {done.exit_code}"
+
+
+def request_hotfix(
+    conn: Connection, target: str, package: str, version: str, advisory: str, person: str
+) -> int:
+    """Record a hotfix asked for by a person as an occurrence to route; return its id.
+    Everything is checked before anything is recorded."""
+    pin = pinned(f"{package}=={version}")
+    advisory_ref(advisory)
+    if not any(t.name == target for t in get_config().targets):
+        raise ActionError(f"no target named {target!r} in the configuration")
+    name = pin.split("==")[0]
+    labels = {
+        "alertname": ADVISORY_ALERT,
+        "target": target,
+        "package": name,
+        "advisory": advisory,
+        "fixed_version": version,
+        "severity": "critical",
+    }
+    row = conn.execute(
+        """
+        INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations)
+        VALUES (%s, %s, now(), 'firing', %s, %s) RETURNING id
+        """,
+        (
+            SOURCE_MANUAL,
+            f"hotfix:{target}:{name}:{advisory}:{uuid.uuid4().hex[:8]}",
+            json.dumps(labels),
+            json.dumps({"summary": f"hotfix {pin} on {target}, asked by {person}"}),
+        ),
+    ).fetchone()
+    assert row is not None
+    event(conn, "occurrence_received", person, f"hotfix {pin} asked for", occurrence_id=row["id"])
+    return int(row["id"])
