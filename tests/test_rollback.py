@@ -155,3 +155,17 @@ def test_config_check_follows_rollback_steps_into_their_parameters() -> None:
     assert raised.value.problems == [
         "runbooks[0].rollback[0].params.argv[0]: executable '/bin/rm' is not in actions.allowlist"
     ]
+
+
+def test_the_escalation_carries_the_end_of_the_failed_command_output(db: Conn) -> None:
+    apply = routed_run(change_alert("r5", STATE_DIR / "r5"))
+    output = {"exit_code": 1, "stdout": "collected 12 items", "stderr": "FAILED test_x\n1 failed"}
+
+    [restore] = finish(claim(apply), Outcome(ok=False, result=output, error="exited with 1"))
+    finish(claim(restore), Outcome(ok=True, result={"exit_code": 0}))
+
+    row = db.execute("SELECT params FROM steps WHERE name = 'escalate'").fetchone()
+    assert row is not None
+    assert row["params"]["reason"] == (
+        "step apply failed: exited with 1; rolled back; output: FAILED test_x 1 failed"
+    )

@@ -346,14 +346,23 @@ def _escalate(conn: Connection, run: Row, step: Row, reason: str, actor: str) ->
         "SELECT max(position) + 1 AS next FROM steps WHERE run_id = %s", (run["id"],)
     ).fetchone()["next"]  # type: ignore[index]
     escalation = StepConfig(name="escalate", kind="escalate", action="escalate", timeout_s=60)
+    output = _output_tail(conn, step["id"])
     params = {
         "severity": run["on_failure"].get("severity", "critical"),
-        "reason": reason,
+        "reason": f"{reason}; output: {output}" if output else reason,
         "failed_step_id": step["id"],
     }
     _insert_step(conn, run["id"], position, escalation, params, ESCALATION)
     event(conn, "escalation_planned", actor, reason, run_id=run["id"], step_id=step["id"])
     return [_mark_dispatched(conn, run["id"], position)]
+
+
+def _output_tail(conn: Connection, step_id: int, limit: int = 500) -> str:
+    """The end of what a failed command said (stderr, else stdout), for the person paged."""
+    row = conn.execute("SELECT result FROM steps WHERE id = %s", (step_id,)).fetchone()
+    result = (row or {}).get("result") or {}
+    text = str(result.get("stderr") or "").strip() or str(result.get("stdout") or "").strip()
+    return " ".join(text.split())[-limit:]
 
 
 def _finish_run(conn: Connection, run_id: int, status: str) -> None:
