@@ -54,6 +54,13 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "task": "caretaker.maintenance.verify_backups",
             "schedule": crontab(minute=0, hour=(settings.backup_hour_utc + 2) % 24),
         },
+        # After the weekly review has read pg_stat_statements, which maintenance then resets.
+        "database-maintenance-weekly": {
+            "task": "caretaker.maintenance.maintain_databases",
+            "schedule": crontab(
+                minute=0, hour=(settings.daily_report_hour_utc + 1) % 24, day_of_week=1
+            ),
+        },
         "beat-tick": {
             "task": "caretaker.health.record_beat_tick",
             "schedule": BEAT_TICK_S,

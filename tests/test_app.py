@@ -44,6 +44,7 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.health.run_round": "checks",
         "caretaker.commands.run_command": "remediation",
         "caretaker.maintenance.create_backups": "maintenance",
+        "caretaker.maintenance.maintain_databases": "maintenance",
         "caretaker.maintenance.verify_backups": "maintenance",
         "caretaker.incidents.send_notification": "incidents",
         "caretaker.runs.execute_step": "alerts",
@@ -96,6 +97,8 @@ def test_the_calendar_holds_the_analysis_and_every_entry_names_a_known_task() ->
     assert (weekly.day_of_week, weekly.hour, weekly.minute) == ({1}, {5}, {15})
     monthly = schedule["capacity-plan-monthly"]["schedule"]
     assert (monthly.day_of_month, monthly.hour, monthly.minute) == ({1}, {5}, {30})
+    maintenance = schedule["database-maintenance-weekly"]["schedule"]
+    assert (maintenance.day_of_week, maintenance.hour, maintenance.minute) == ({1}, {6}, {0})
     assert {entry["task"] for entry in schedule.values()} <= set(app.tasks)
 
 

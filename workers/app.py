@@ -33,6 +33,7 @@ TASK_MODULES = [
     "tasks.analysis",
     "tasks.logscan",
     "tasks.backups",
+    "tasks.dbmaint",
 ]
 
 

@@ -197,3 +197,70 @@ def render_performance(report: dict[str, Any]) -> str:
 
 def _pct(change: float | None) -> str:
     return "n/a" if change is None else f"{change:+g}% week on week"
+
+
+def render_maintenance(report: dict[str, Any]) -> str:
+    """The database maintenance report as text for a terminal: each database, each table."""
+    lines = [
+        f"maintenance {report['period_start'][:16]} .. {report['period_end'][:16]} UTC:"
+        f" overall {report['overall']}; tables {report['tables_ok']} ok,"
+        f" {report['tables_failed']} failed, {report['tables_skipped']} skipped"
+    ]
+    if not report["databases"]:
+        lines.append("no databases configured (backups.databases)")
+    for database in report["databases"]:
+        lines += _maintained_database(database)
+    return "\n".join(lines)
+
+
+def _maintained_database(db: dict[str, Any]) -> list[str]:
+    where = f" ({db['server']}/{db['dbname']})" if db["server"] else ""
+    lines = [
+        f"  database {db['name']}{where}: {db['status']},"
+        f" {len(db['tables'])} tables in {db['seconds']:.1f} s"
+    ]
+    if db["error"]:
+        lines.append(f"    error: {db['error']}")
+    for table in db["tables"]:
+        lines.append(f"    {table['table']:<40} {table['status']:<7} {table['seconds']:>7.2f} s")
+        before = table["before"]
+        if before is not None:
+            lines.append(
+                f"      dead {_share(before['dead_pct'])} free {_share(before['free_pct'])}"
+                f" ({before['source']}), table {_size(before['table_bytes'])},"
+                f" indexes {_size(before['index_bytes'])}, last vacuum {_last_vacuum(before)};"
+                f" dead tuples {_count(before['dead_tuples'])} ->"
+                f" {_count(table['dead_tuples_after'])}"
+            )
+        if table["error"]:
+            lines.append(f"      error: {table['error']}")
+    statements = db["statements"]
+    if statements is not None:
+        lines.append(f"    pg_stat_statements {statements['action']}: {statements['reason']}")
+    return lines
+
+
+def _share(pct: float | None) -> str:
+    return "-" if pct is None else f"{pct:.1f}%"
+
+
+def _size(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "-"
+    size = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _last_vacuum(before: dict[str, Any]) -> str:
+    # ISO 8601 times in UTC compare as text.
+    times = [before["last_vacuum_at"], before["last_autovacuum_at"]]
+    latest = max((at for at in times if at), default=None)
+    return "never" if latest is None else f"{latest[:16]} UTC"
