@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -126,9 +127,9 @@ def installed_versions(python: Path, timeout_s: float = 60.0) -> dict[str, str]:
 
 
 def pip_install_argv(python: Path, pins: list[str], exact: bool = False) -> list[str]:
-    """pip's argv for the pins, from the configured package index; `exact` installs only
-    them (no dependency changes), as a rollback must."""
-    argv = [str(python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
+    """pip's argv for the pins into the environment of `python`, from the configured package
+    index; `exact` installs only them (no dependency changes), as a rollback must."""
+    argv = [*_pip(python), "install", "--no-input", "--disable-pip-version-check"]
     index = get_settings().package_index_url
     if index is not None:
         local = index.removeprefix("file://")
@@ -139,6 +140,11 @@ def pip_install_argv(python: Path, pins: list[str], exact: bool = False) -> list
     if exact:
         argv.append("--no-deps")
     return [*argv, "--", *pins]
+
+
+def _pip(python: Path) -> list[str]:
+    # caretaker's own pip acts on the target's environment, which needs no pip of its own.
+    return [sys.executable, "-m", "pip", "--python", str(python)]
 
 
 def record_versions(params: TargetParams, context: StepContext) -> Outcome:
@@ -183,7 +189,7 @@ def restore_versions(params: RestoreParams, context: StepContext) -> Outcome:
     remove = [name for name in current if name not in recorded]
     outputs = []
     if remove:
-        argv = [str(target.python), "-m", "pip", "uninstall", "--yes", "--", *remove]
+        argv = [*_pip(python=target.python), "uninstall", "--yes", "--", *remove]
         outputs.append(execute(CommandParams(argv=argv, timeout_s=PIP_TIMEOUT_S)))
     if reinstall:
         argv = pip_install_argv(target.python, reinstall, exact=True)

@@ -34,9 +34,10 @@ DATABASE_URL = f"{PG_HOST}/{DB_NAME}"
 STATE_DIR = Path(tempfile.mkdtemp(prefix="caretaker-test-"))
 CONFIG_PATH = STATE_DIR / "config.yml"
 WEBHOOK_TOKEN = "test-token"
-# A service's environment and repository for hotfix tests, made by their fixtures.
+# A service's environment, repository and package index for hotfix tests, made by their fixtures.
 DEMO_VENV = STATE_DIR / "demo-venv"
 DEMO_REPO = STATE_DIR / "demo-repo"
+WHEELS = STATE_DIR / "wheels"
 
 
 def free_port() -> int:
@@ -56,6 +57,7 @@ TEST_ENV = {
     "CARETAKER_DISPATCH_GRACE_S": "1",
     "CARETAKER_NOTIFY_MAX_RETRIES": "1",
     "CARETAKER_LOG_LEVEL": "INFO",
+    "CARETAKER_PACKAGE_INDEX_URL": f"file://{WHEELS}",
 }
 os.environ.update(TEST_ENV)
 
@@ -82,7 +84,7 @@ def write_config() -> None:
             {
                 "name": "demo",
                 "python": str(DEMO_VENV / "bin" / "python"),
-                "test_command": [python, str(DATA / "demo_test.py"), str(DEMO_VENV)],
+                "test_command": [python, str(DATA / "demo_suite.py"), str(DEMO_VENV)],
                 "restart_command": [python, "-c", "pass"],
                 "health": {
                     "name": "health",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ from tasks.hotfix import (
     raise_pin,
     request_hotfix,
 )
-from tests.conftest import DEMO_REPO
+from tests.conftest import DEMO_REPO, DEMO_VENV, HEALTH_PORT, WHEELS, wait_for
+from tests.wheels import ScratchEnv, build_wheel
+from workers import dispatch
 from workers.config import get_config
 from workers.db import transaction
 from workers.errors import ActionError
@@ -139,3 +143,135 @@ def test_the_runbook_follows_the_target_configuration() -> None:
         "verify-after-rollback",
     ]
     assert runbook.steps[1].params["requirements"] == ["caretaker-demo==1.1"]
+
+
+@pytest.fixture(scope="module")
+def wheels() -> Path:
+    """The package index: two versions of the demo package."""
+    for version in ("1.0", "1.1"):
+        build_wheel("caretaker-demo", version, WHEELS)
+    return WHEELS
+
+
+@pytest.fixture
+def demo_env(wheels: Path) -> Iterator[ScratchEnv]:
+    """The demo service's environment, holding the vulnerable 1.0."""
+    shutil.rmtree(DEMO_VENV, ignore_errors=True)
+    (DEMO_VENV.parent / "tests-fail").unlink(missing_ok=True)
+    env = ScratchEnv(DEMO_VENV, wheels)
+    env.install("caretaker-demo==1.0")
+    yield env
+    shutil.rmtree(DEMO_VENV, ignore_errors=True)
+    (DEMO_VENV.parent / "tests-fail").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def healthy() -> Iterator[None]:
+    """The demo service's health endpoint, answering 200."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", HEALTH_PORT), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def installed(env: ScratchEnv) -> str:
+    done = subprocess.run(
+        [str(env.python), "-c", "import caretaker_demo; print(caretaker_demo.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+def hotfix(advisory: str) -> int:
+    with transaction() as conn:
+        occurrence_id = request_hotfix(conn, "demo", "caretaker-demo", "1.1", advisory, "ops")
+    dispatch.route_occurrences([occurrence_id])
+    return occurrence_id
+
+
+def finished_run(db: Conn) -> dict[str, Any]:
+    return wait_for(
+        lambda: db.execute(
+            "SELECT id, status FROM runs WHERE status NOT IN ('running', 'waiting')"
+        ).fetchone(),
+        timeout_s=90,
+        what="the hotfix run to end",
+    )
+
+
+def test_a_hotfix_upgrades_tests_restarts_verifies_and_pins(
+    db: Conn, worker: subprocess.Popen[bytes], demo_env: ScratchEnv, repo: Path, healthy: None
+) -> None:
+    assert installed(demo_env) == "1.0"
+
+    hotfix("GHSA-demo-1")
+
+    assert finished_run(db)["status"] == "recovered"
+    assert installed(demo_env) == "1.1"
+    steps = db.execute("SELECT name, status FROM steps ORDER BY position").fetchall()
+    assert [(s["name"], s["status"]) for s in steps] == [
+        ("record", "succeeded"),
+        ("install", "succeeded"),
+        ("test", "succeeded"),
+        ("restart", "succeeded"),
+        ("verify", "succeeded"),
+        ("pin", "succeeded"),
+        ("reinstall", "skipped"),
+        ("restart-after-rollback", "skipped"),
+        ("verify-after-rollback", "skipped"),
+    ]
+    record = db.execute("SELECT result FROM steps WHERE name = 'record'").fetchone()
+    assert record is not None and record["result"]["versions"]["caretaker-demo"] == "1.0"
+    assert git("show", "hotfix/security-GHSA-demo-1:requirements.txt") == (
+        "flask==3.0.0\ncaretaker-demo==1.1"
+    )
+    assert git("rev-list", "--count", "main..hotfix/security-GHSA-demo-1") == "1"
+    assert db.execute("SELECT count(*) AS n FROM incidents").fetchone() == {"n": 0}
+
+
+def test_a_failing_test_rolls_back_and_escalates_with_the_output(
+    db: Conn, worker: subprocess.Popen[bytes], demo_env: ScratchEnv, repo: Path, healthy: None
+) -> None:
+    (DEMO_VENV.parent / "tests-fail").write_text("1")
+
+    hotfix("GHSA-demo-2")
+
+    assert finished_run(db)["status"] == "escalated"
+    assert installed(demo_env) == "1.0"  # put back by the rollback
+    steps = db.execute("SELECT name, status FROM steps ORDER BY position").fetchall()
+    assert [(s["name"], s["status"]) for s in steps] == [
+        ("record", "succeeded"),
+        ("install", "succeeded"),
+        ("test", "failed"),
+        ("restart", "skipped"),
+        ("verify", "skipped"),
+        ("pin", "skipped"),
+        ("reinstall", "succeeded"),
+        ("restart-after-rollback", "succeeded"),
+        ("verify-after-rollback", "succeeded"),
+        ("escalate", "succeeded"),
+    ]
+    incident = wait_for(lambda: db.execute("SELECT id, status FROM incidents").fetchone())
+    reason = db.execute(
+        "SELECT message FROM events WHERE incident_id = %s AND kind = 'incident_opened'",
+        (incident["id"],),
+    ).fetchone()
+    assert reason is not None
+    assert "step test failed: command exited with 1; rolled back" in reason["message"]
+    assert "FAILED test_checkout: the new version breaks checkout" in reason["message"]
+    assert git("branch", "--list", "hotfix/*") == ""
