@@ -61,6 +61,10 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
                 minute=0, hour=(settings.daily_report_hour_utc + 1) % 24, day_of_week=1
             ),
         },
+        "security-scan-weekly": {
+            "task": "caretaker.remediation.security_scan",
+            "schedule": crontab(minute=45, hour=settings.daily_report_hour_utc, day_of_week=1),
+        },
         "beat-tick": {
             "task": "caretaker.health.record_beat_tick",
             "schedule": BEAT_TICK_S,

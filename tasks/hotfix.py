@@ -30,7 +30,7 @@ from workers.config import (
     StepConfig,
     get_config,
 )
-from workers.db import Connection
+from workers.db import Connection, transaction
 from workers.errors import ActionError
 from workers.runs import Outcome, StepContext, event
 from workers.settings import get_settings
@@ -45,12 +45,6 @@ PIP_TIMEOUT_S = 900.0
 GIT_TIMEOUT_S = 60.0
 # A branch name part from an advisory id: GHSA-xxxx, PYSEC-2024-1, CVE-2024-1234.
 _ADVISORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-# Lists the distributions of an environment, run by that environment's own interpreter.
-_LIST_SCRIPT = (
-    "import importlib.metadata as m, json; "
-    "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions() "
-    "if d.metadata['Name']}))"
-)
 
 
 def pinned(spec: str) -> str:
@@ -60,7 +54,9 @@ def pinned(spec: str) -> str:
     try:
         requirement = Requirement(spec)
     except InvalidRequirement as exc:
-        raise ValueError(f"{spec!r} is not a package pin: {exc}") from None
+        # packaging's message draws a caret under the spot on further lines: the first says it.
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"{spec!r} is not a package pin: {reason}") from None
     if requirement.url or requirement.marker or requirement.extras:
         raise ValueError(f"{spec!r} is not a package pin: only name==version is accepted")
     specifiers = list(requirement.specifier)
@@ -117,13 +113,14 @@ def service_target(name: str) -> ServiceTarget:
     return found
 
 
-def installed_versions(python: Path, timeout_s: float = 60.0) -> dict[str, str]:
+def installed_versions(python: Path) -> dict[str, str]:
     """Every distribution installed in the environment of `python`, by canonical name."""
-    done = execute(CommandParams(argv=[str(python), "-c", _LIST_SCRIPT], timeout_s=timeout_s))
-    if not done.ok:
-        raise ActionError(f"cannot list the packages of {python}: {_tail(done)}")
-    found: dict[str, str] = json.loads(done.stdout)
-    return {canonicalize_name(name): version for name, version in sorted(found.items())}
+    from tasks.security import TargetScanError, list_distributions
+
+    try:
+        return {d.name: d.version for d in list_distributions(python)}
+    except TargetScanError as exc:
+        raise ActionError(str(exc)) from exc
 
 
 def pip_install_argv(python: Path, pins: list[str], exact: bool = False) -> list[str]:
@@ -396,3 +393,28 @@ def request_hotfix(
     assert row is not None
     event(conn, "occurrence_received", person, f"hotfix {pin} asked for", occurrence_id=row["id"])
     return int(row["id"])
+
+
+def ask_for_hotfix(
+    target: str, package: str, version: str | None, advisory: str | None, person: str
+) -> int:
+    """A person's hotfix request: version and advisory default to the target's open finding
+    for the package; recorded, then routed. Returns the occurrence id."""
+    from tasks.security import finding_rows
+    from workers import dispatch
+
+    if version is None or advisory is None:
+        name = canonicalize_name(package)
+        found = [r for r in finding_rows(target) if r["package"] == name and r["fixed_version"]]
+        if not found:
+            raise ActionError(
+                f"no open finding with a fix for {package} on {target}: give --version and"
+                " --advisory"
+            )
+        version = version or found[0]["fixed_version"]
+        advisory = advisory or found[0]["advisory_id"]
+    assert version is not None and advisory is not None
+    with transaction() as conn:
+        occurrence_id = request_hotfix(conn, target, package, version, advisory, person)
+    dispatch.try_send("routing", dispatch.route_occurrences, [occurrence_id])
+    return occurrence_id

@@ -282,7 +282,7 @@ def broker() -> redis.Redis:
 TABLES = (
     "events, notifications, steps, runs, occurrences, incidents, heartbeats, check_results,"
     " reports, series_baselines, anomalies, log_offsets, log_counts, backups, backup_checks,"
-    " drills, target_leases"
+    " drills, target_leases, security_findings"
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +23,7 @@ from tasks.hotfix import (
     raise_pin,
     request_hotfix,
 )
-from tests.conftest import DEMO_REPO, DEMO_VENV, HEALTH_PORT, WHEELS, wait_for
+from tests.conftest import DEMO_REPO, DEMO_VENV, HEALTH_PORT, ROOT, WHEELS, wait_for
 from tests.wheels import ScratchEnv, build_wheel
 from workers import dispatch
 from workers.config import get_config
@@ -275,3 +276,33 @@ def test_a_failing_test_rolls_back_and_escalates_with_the_output(
     assert "step test failed: command exited with 1; rolled back" in reason["message"]
     assert "FAILED test_checkout: the new version breaks checkout" in reason["message"]
     assert git("branch", "--list", "hotfix/*") == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["requests; rm -rf /", "--version", "1.0", "--advisory", "A-1"], "is not a package pin"),
+        (
+            ["requests", "--version", "--index-url=http://evil.example", "--advisory", "A-1"],
+            "is not a package pin",
+        ),
+        (["requests", "--version", "2.0", "--advisory", "../../x"], "is not an advisory id"),
+        (["requests"], "no open finding with a fix for requests on demo"),
+    ],
+)
+def test_the_hotfix_command_refuses_hostile_input_and_records_nothing(
+    db: Conn, args: list[str], message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "security", "hotfix", *args, "--target", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert db.execute("SELECT count(*) AS n FROM occurrences").fetchone() == {"n": 0}

@@ -34,6 +34,7 @@ TASK_MODULES = [
     "tasks.logscan",
     "tasks.backups",
     "tasks.dbmaint",
+    "tasks.security",
 ]
 
 

@@ -741,6 +741,89 @@ def backups_verify(days: float | None, target_name: str | None, as_json: bool) -
         )
 
 
+@cli.group("db")
+def databases() -> None:
+    """The databases of the backups section: maintenance."""
+
+
+@databases.command("maintain")
+@click.option("--target", "target_name", metavar="NAME", help="One of backups.databases.")
+@click.option("--json", "as_json", is_flag=True)
+def databases_maintain(target_name: str | None, as_json: bool) -> None:
+    """ANALYZE and VACUUM every user table now, in this process, and report bloat; reset
+    pg_stat_statements once the weekly review has read it. The report is stored; exit 1 when
+    a table or database failed."""
+    from tasks.dbmaint import maintain_now
+    from workers.reports import render_maintenance
+
+    report = maintain_now(target_name)
+    _show(report, as_json, render_maintenance)
+    failed = [db["name"] for db in report["databases"] if db["status"] == "failed"]
+    if failed:
+        raise click.ClickException(
+            f"maintenance failed in {', '.join(failed)}: {report['tables_failed']} tables failed"
+        )
+
+
+@cli.group()
+def security() -> None:
+    """Security advisories against the installed packages of the service targets."""
+
+
+@security.command("scan")
+@click.option("--target", "target_name", metavar="NAME", help="One of the targets section.")
+@click.option("--json", "as_json", is_flag=True)
+def security_scan(target_name: str | None, as_json: bool) -> None:
+    """Scan now, in this process, and record the findings; exit 1 when a critical advisory
+    affects a target or a target could not be scanned."""
+    from dataclasses import asdict
+
+    from tasks.security import render_scan, scan_now
+
+    report = scan_now(target_name)
+    click.echo(json.dumps(asdict(report), indent=2) if as_json else render_scan(report))
+    problem = report.problem()
+    if problem:
+        raise click.ClickException(problem)
+
+
+@security.command("hotfix")
+@click.argument("package")
+@click.option("--target", "target_name", metavar="NAME", required=True)
+@click.option("--version", help="The fixed version; default: the open finding's fix.")
+@click.option("--advisory", help="The advisory id; default: the open finding's.")
+@click.option("--by", default=None, help="Who asks (default: the current user).")
+def security_hotfix(
+    package: str, target_name: str, version: str | None, advisory: str | None, by: str | None
+) -> None:
+    """Hotfix PACKAGE on a target as a run: record, install, test, restart, verify, pin;
+    rolled back and escalated on any failure. Follow it with `caretaker runs list`."""
+    from tasks.hotfix import ask_for_hotfix
+
+    try:
+        occurrence_id = ask_for_hotfix(
+            target_name, package, version, advisory, by or getpass.getuser()
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"hotfix of {package} on {target_name} recorded as occurrence {occurrence_id};")
+    click.echo("follow it with `caretaker runs list`")
+
+
+@security.command("findings")
+@click.option("--target", "target_name", metavar="NAME")
+@click.option("--all", "include_resolved", is_flag=True, help="Resolved findings too.")
+@click.option("--json", "as_json", is_flag=True)
+def security_findings(target_name: str | None, include_resolved: bool, as_json: bool) -> None:
+    """Stored findings, most severe first; open ones unless --all."""
+    from tasks.security import finding_rows
+
+    rows = finding_rows(target_name, include_resolved)
+    columns = ["target", "package", "installed_version", "advisory_id", "severity"]
+    columns += ["fixed_version", "first_seen_at", "last_seen_at"]
+    _print(rows, as_json, columns + (["resolved_at"] if include_resolved else []))
+
+
 @cli.group()
 def runs() -> None:
     """Runbook runs and their steps."""

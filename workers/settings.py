@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     # Scheduled anomaly detection scores the points that arrived since its previous run.
     anomaly_interval_s: float = Field(default=300.0, gt=0)
 
+    # Security advisories: the OSV API when set, otherwise a directory of OSV JSON files.
+    osv_url: str | None = Field(default=None, pattern=r"^https?://")
+    osv_dir: Path | None = None
+    # pip's index for hotfixes: a URL, or a directory of wheels; unset means pip's default.
+    package_index_url: str | None = None
+
     log_level: str = "INFO"
 
     @field_validator("database_url", mode="after")
