@@ -54,6 +54,11 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
             "task": "caretaker.maintenance.verify_backups",
             "schedule": crontab(minute=0, hour=(settings.backup_hour_utc + 2) % 24),
         },
+        # After the night's backups are verified, so the drill restores one of them.
+        "dr-drill-monthly": {
+            "task": "caretaker.maintenance.dr_drill",
+            "schedule": crontab(minute=0, hour=(settings.backup_hour_utc + 3) % 24, day_of_month=1),
+        },
         # After the weekly review has read pg_stat_statements, which maintenance then resets.
         "database-maintenance-weekly": {
             "task": "caretaker.maintenance.maintain_databases",

@@ -25,7 +25,27 @@ from tasks.hotfix import (
 )
 from tasks.incidents import EscalateParams
 from tasks.netchecks import DnsParams, TlsParams, check_dns, check_tls
+from tasks.restore import (
+    CopiedParams,
+    CopyParams,
+    StampParams,
+    restore_copy,
+    swap_back,
+    swap_in,
+    verify_copy,
+)
 from tasks.selfchecks import QueuesParams, check_queues
+from tasks.update import (
+    CheckoutParams,
+    ContinueParams,
+    archive_app,
+    checkout_version,
+    continue_update,
+    dump_database,
+    install_requirements,
+    restore_app,
+    restore_database,
+)
 from workers.config import ActionsConfig
 from workers.runs import Outcome, StepContext
 
@@ -107,5 +127,16 @@ ACTIONS: dict[str, Action] = {
         Action("pip_install", ("recover",), InstallParams, perform=pip_install),
         Action("restore_versions", ("recover",), RestoreParams, perform=restore_versions),
         Action("pin_in_repository", ("recover",), PinParams, perform=pin_in_repository),
+        Action("restore_copy", ("recover",), CopyParams, perform=restore_copy),
+        Action("verify_copy", ("recover",), CopiedParams, perform=verify_copy),
+        Action("swap_in", ("recover",), CopiedParams, perform=swap_in),
+        Action("swap_back", ("recover",), StampParams, perform=swap_back),
+        Action("archive_app", ("recover",), TargetParams, perform=archive_app),
+        Action("dump_database", ("recover",), TargetParams, perform=dump_database),
+        Action("checkout_version", ("recover",), CheckoutParams, perform=checkout_version),
+        Action("install_requirements", ("recover",), TargetParams, perform=install_requirements),
+        Action("continue_update", ("recover",), ContinueParams, perform=continue_update),
+        Action("restore_app", ("recover",), TargetParams, perform=restore_app),
+        Action("restore_database", ("recover",), TargetParams, perform=restore_database),
     )
 }

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks.hotfix import ADVISORY_ALERT, hotfix_runbook
+from tasks.hotfix import ADVISORY_ALERT, SOURCE_MANUAL, hotfix_runbook
 from tasks.hotfix import RUNBOOK_PREFIX as HOTFIX_PREFIX
+from tasks.restore import RESTORE_ALERT, planned_restore
+from tasks.update import RUNBOOK_PREFIX as UPDATE_PREFIX
+from tasks.update import UPDATE_ALERT, planned_update
 from workers import dispatch, runs
 from workers.app import app
 from workers.config import (
@@ -18,6 +21,7 @@ from workers.config import (
     resolve_references,
 )
 from workers.db import Connection, transaction
+from workers.errors import CaretakerError
 from workers.health import SOURCE_CHECK
 from workers.matchers import matches_all
 from workers.occurrences import SOURCE_ALERTMANAGER
@@ -26,6 +30,8 @@ from workers.runs import StepRef
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNBOOK = "default-escalate"
+# Runbooks that change a target's code or environment: one of them per target at a time.
+ONE_PER_TARGET = (HOTFIX_PREFIX, UPDATE_PREFIX)
 
 
 def select_runbook(config: Config, labels: dict[str, str]) -> RunbookConfig:
@@ -45,6 +51,19 @@ def plan(config: Config, occurrence: Any) -> RunbookConfig | None:
     labels = occurrence["labels"]
     if labels.get("alertname") == ADVISORY_ALERT and occurrence["source"] != SOURCE_ALERTMANAGER:
         return matching_runbook(config, labels) or _hotfix(config, labels)
+    if labels.get("alertname") == RESTORE_ALERT and occurrence["source"] == SOURCE_MANUAL:
+        # Only a person asks for a restore; an alert of that name gets no restore run.
+        try:
+            return planned_restore(config, labels)
+        except CaretakerError as exc:
+            return escalate_only(config, f"restore refused: {exc}")
+    if labels.get("alertname") == UPDATE_ALERT and occurrence["source"] == SOURCE_MANUAL:
+        # Only a person, or the stage before, asks for an update; an alert of that name
+        # gets no update run.
+        try:
+            return planned_update(config, labels)
+        except ValueError as exc:
+            return escalate_only(config, f"update refused: {exc}")
     if occurrence["source"] != SOURCE_CHECK:
         return select_runbook(config, labels)
     if labels.get("severity") == "critical":
@@ -105,10 +124,10 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
             occurrence_id=occurrence_id,
         )
         return None
-    if runbook.name.startswith(HOTFIX_PREFIX) and _hotfix_running(conn, runbook.name):
-        # One hotfix per target at a time: this one is routed again by the sweeper later.
+    if runbook.name.startswith(ONE_PER_TARGET) and _target_busy(conn, runbook.name):
+        # One hotfix or update per target at a time: this one is routed again by the sweeper.
         conn.execute("UPDATE occurrences SET routed_at = NULL WHERE id = %s", (occurrence_id,))
-        log.info("hotfix deferred occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
+        log.info("run deferred occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
         return None
     params, problems = _parameters(runbook, occurrence)
     if problems:
@@ -121,10 +140,13 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
     return first
 
 
-def _hotfix_running(conn: Connection, runbook: str) -> bool:
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (runbook,))
+def _target_busy(conn: Connection, runbook: str) -> bool:
+    # Under the target's lock: of two routings for one target, the second sees the first run.
+    target = runbook.split(":", 1)[1]
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"target:{target}",))
     row = conn.execute(
-        "SELECT 1 FROM runs WHERE runbook = %s AND status IN ('running', 'waiting')", (runbook,)
+        "SELECT 1 FROM runs WHERE runbook = ANY(%s) AND status IN ('running', 'waiting')",
+        ([prefix + target for prefix in ONE_PER_TARGET],),
     ).fetchone()
     return row is not None
 

@@ -180,7 +180,7 @@ def _renew_lease(target: str, holder: str, stop: threading.Event) -> None:
                     (LEASE_S, target, holder),
                 ).rowcount
         except (CaretakerError, psycopg.Error) as exc:
-            log.warning("lease renewal failed target=%s error=%s", target, _one_line(exc))
+            log.warning("lease renewal failed target=%s error=%s", target, one_line(exc))
             continue
         if not kept:
             log.error("lease lost target=%s holder=%s", target, holder)
@@ -195,7 +195,7 @@ def _release_lease(target: str, holder: str) -> None:
             )
     except (CaretakerError, psycopg.Error) as exc:
         # Raising here would hide the work's own outcome; the lease expires by itself.
-        log.warning("lease release failed target=%s error=%s", target, _one_line(exc))
+        log.warning("lease release failed target=%s error=%s", target, one_line(exc))
 
 
 # Making backups
@@ -211,11 +211,11 @@ def create_backup(
             return backup_database(target, store, task_id)
         return backup_directory(target, store, task_id)
     except psycopg.OperationalError as exc:
-        raise BackupFailed(f"cannot reach target {target.name}: {_one_line(exc)}") from exc
+        raise BackupFailed(f"cannot reach target {target.name}: {one_line(exc)}") from exc
     except StoreError as exc:
         raise BackupFailed(f"backup of {target.name} not stored: {exc}") from exc
     except (OSError, KeyError, subprocess.SubprocessError) as exc:
-        raise BackupFailed(f"backup of {target.name} failed: {_one_line(exc)}") from exc
+        raise BackupFailed(f"backup of {target.name} failed: {one_line(exc)}") from exc
 
 
 def backup_database(target: BackupDatabase, store: BackupStore, task_id: str | None = None) -> Row:
@@ -266,7 +266,7 @@ def _run_pg_dump(dsn: str, snapshot: str, dest: Path) -> None:
     argv = ["pg_dump", f"--snapshot={snapshot}", "--format=custom", "--no-password"]
     done = run_pg_tool([*argv, f"--file={dest}"], dsn)
     if done.returncode != 0:
-        raise BackupFailed(f"pg_dump failed: {_trimmed(done.stderr)}")
+        raise BackupFailed(f"pg_dump failed: {trimmed(done.stderr)}")
 
 
 def count_rows(conn: psycopg.Connection[Any]) -> dict[str, int]:
@@ -480,7 +480,7 @@ def verify_backup(backup_id: int, store: BackupStore, config: Config) -> Verdict
     """Restore one backup in full and check it against its manifest; record the attempt and
     open or end the target's finding. Refused (status busy) while another process holds the
     target. Harmless twice: a verified backup is not restored again."""
-    row = _load_backup(backup_id)
+    row = load_backup(backup_id)
     try:
         with target_lease(row["target"], "verify"):
             return _verify_leased(backup_id, store, config)
@@ -489,7 +489,8 @@ def verify_backup(backup_id: int, store: BackupStore, config: Config) -> Verdict
         return Verdict(backup_id, row["target"], "busy", str(exc))
 
 
-def _load_backup(backup_id: int) -> Row:
+def load_backup(backup_id: int) -> Row:
+    """The backup's row; NotFound when there is none."""
     with transaction() as conn:
         row = conn.execute("SELECT * FROM backups WHERE id = %s", (backup_id,)).fetchone()
     if row is None:
@@ -499,7 +500,7 @@ def _load_backup(backup_id: int) -> Row:
 
 def _verify_leased(backup_id: int, store: BackupStore, config: Config) -> Verdict:
     # Read again under the lease: the holder before may have settled this backup.
-    row = _load_backup(backup_id)
+    row = load_backup(backup_id)
     if row["status"] in ("verified", "deleted"):
         return Verdict(backup_id, row["target"], row["status"], row["reason"])
     started_at = datetime.now(UTC)
@@ -523,9 +524,9 @@ def _verify_leased(backup_id: int, store: BackupStore, config: Config) -> Verdic
 def _check(row: Row, store: BackupStore, config: Config) -> Verdict:
     try:
         with tempfile.TemporaryDirectory(prefix="caretaker-verify-") as tmp:
-            path = _fetch(row, store, Path(tmp))
+            path = fetch_backup(row, store, Path(tmp))
             if row["kind"] == "database":
-                details = _verify_database(path, row, config)
+                details = verify_database(path, row, config)
             else:
                 details = _verify_directory(path, row, Path(tmp) / "extracted")
     except BackupInvalid as exc:
@@ -534,12 +535,12 @@ def _check(row: Row, store: BackupStore, config: Config) -> Verdict:
         raise
     # Anything else broke the check itself and says nothing about the backup.
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, CheckBroken) else _one_line(exc)
+        reason = str(exc) if isinstance(exc, CheckBroken) else one_line(exc)
         return Verdict(row["id"], row["target"], "verification_failed", reason)
     return Verdict(row["id"], row["target"], "verified", None, details)
 
 
-def _fetch(row: Row, store: BackupStore, tmp: Path) -> Path:
+def fetch_backup(row: Row, store: BackupStore, tmp: Path) -> Path:
     """Download the backup and check that it is the file that was recorded."""
     if row["store"] != store.describe():
         raise CheckBroken(f"the backup is in {row['store']}, not in {store.describe()}")
@@ -561,23 +562,25 @@ def _fetch(row: Row, store: BackupStore, tmp: Path) -> Path:
     return path
 
 
-def _verify_database(path: Path, row: Row, config: Config) -> dict[str, Any]:
-    _check_dump_header(path)
+def verify_database(path: Path, row: Row, config: Config) -> dict[str, Any]:
+    """Restore the dump into a scratch database, check it against the manifest and the
+    target's probes, and drop it whatever happened; the details, with the restore's time."""
+    check_dump_header(path)
     dsn = _server_dsn(row, config)
     admin = make_conninfo(dsn, dbname="postgres")
     scratch = f"caretaker_verify_{row['id']}_{secrets.token_hex(4)}"
     started = time.monotonic()
     try:
-        _create_scratch(admin, scratch, row["manifest"].get("database") or {})
+        create_database(admin, scratch, row["manifest"].get("database") or {})
         _restore(path, dsn, scratch)
         restore_s = time.monotonic() - started
         with psycopg.connect(
             make_conninfo(dsn, dbname=scratch), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
         ) as conn:
             counts = count_rows(conn)
-            _compare_counts(row["manifest"].get("tables") or {}, counts)
+            compare_counts(row["manifest"].get("tables") or {}, counts)
             probes = _probes(row["target"], config)
-            _run_probes(conn, probes)
+            run_probes(conn, probes)
     finally:
         _drop_scratch(admin, scratch)
     return {
@@ -589,7 +592,8 @@ def _verify_database(path: Path, row: Row, config: Config) -> dict[str, Any]:
     }
 
 
-def _check_dump_header(path: Path) -> None:
+def check_dump_header(path: Path) -> None:
+    """BackupInvalid unless the file starts as a pg_dump custom archive does."""
     with path.open("rb") as file:
         head = file.read(len(DUMP_MAGIC))
     if not head:
@@ -615,7 +619,8 @@ def _probes(target: str, config: Config) -> list[str]:
     return list(found[0].probes) if found else []
 
 
-def _create_scratch(admin: str, name: str, facts: dict[str, str]) -> None:
+def create_database(admin: str, name: str, facts: dict[str, str]) -> None:
+    """Create an empty database, in the source's encoding and locale when known."""
     # From template0, in the source's encoding and locale: template1 may hold objects of its
     # own that would collide with the restore.
     create = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
@@ -629,7 +634,7 @@ def _create_scratch(admin: str, name: str, facts: dict[str, str]) -> None:
         with psycopg.connect(admin, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
             conn.execute(create)
     except psycopg.OperationalError as exc:
-        raise CheckBroken(f"server unreachable: {_one_line(exc)}") from exc
+        raise CheckBroken(f"server unreachable: {one_line(exc)}") from exc
 
 
 def _restore(path: Path, dsn: str, scratch: str) -> None:
@@ -637,24 +642,25 @@ def _restore(path: Path, dsn: str, scratch: str) -> None:
     done = run_pg_tool([*argv, f"--dbname={scratch}", str(path)], dsn)
     if done.returncode == 0:
         return
-    error = _trimmed(done.stderr)
+    error = trimmed(done.stderr)
     if "connection to server" in error:
         raise CheckBroken(f"server unreachable: {error}")
     raise BackupInvalid(f"pg_restore failed: {error}")
 
 
-def _compare_counts(expected: dict[str, int], restored: dict[str, int]) -> None:
+def compare_counts(expected: dict[str, int], restored: dict[str, int]) -> None:
+    """BackupInvalid naming every table whose row count differs from the manifest's."""
     differences = [
         f"{name}: manifest {expected.get(name, 'none')}, restored {restored.get(name, 'none')}"
         for name in sorted(expected.keys() | restored.keys())
         if expected.get(name) != restored.get(name)
     ]
     if differences:
-        reason = _trimmed("row counts differ: " + "; ".join(differences))
+        reason = trimmed("row counts differ: " + "; ".join(differences))
         raise BackupInvalid(reason, {"differences": differences})
 
 
-def _run_probes(conn: psycopg.Connection[Any], probes: list[str]) -> None:
+def run_probes(conn: psycopg.Connection[Any], probes: list[str]) -> None:
     """Each probe must return one row whose first column is true."""
     conn.execute(sql.SQL("SET statement_timeout = {}").format(PROBE_TIMEOUT_MS))
     for probe in probes:
@@ -663,7 +669,7 @@ def _run_probes(conn: psycopg.Connection[Any], probes: list[str]) -> None:
         except psycopg.Error as exc:
             if conn.broken:
                 raise
-            raise BackupInvalid(f"probe failed: {probe}: {_one_line(exc)}") from exc
+            raise BackupInvalid(f"probe failed: {probe}: {one_line(exc)}") from exc
         if len(rows) != 1:
             raise BackupInvalid(f"probe failed: {probe}: returned {len(rows) or 'no'} rows")
         if rows[0][0] is not True:
@@ -677,13 +683,13 @@ def _drop_scratch(admin: str, name: str) -> None:
             conn.execute(drop)
     except psycopg.Error as exc:
         # Raising here would hide the verification's outcome; a person must drop it.
-        log.error("scratch database left behind name=%s error=%s", name, _one_line(exc))
+        log.error("scratch database left behind name=%s error=%s", name, one_line(exc))
 
 
 def _verify_directory(path: Path, row: Row, dest: Path) -> dict[str, Any]:
     dest.mkdir()
-    _extract(path, dest)
-    found = _count_tree(dest)
+    extract_archive(path, dest)
+    found = count_tree(dest)
     manifest = row["manifest"]
     differences = [
         f"{name}: manifest {manifest.get(name)}, extracted {value}"
@@ -695,7 +701,9 @@ def _verify_directory(path: Path, row: Row, dest: Path) -> dict[str, Any]:
     return found
 
 
-def _extract(path: Path, dest: Path) -> None:
+def extract_archive(path: Path, dest: Path) -> None:
+    """Extract a tar.gz into dest; BackupInvalid for an unreadable archive or a member that
+    would land outside dest."""
     try:
         with tarfile.open(path, "r:gz") as archive:
             members = archive.getmembers()
@@ -707,7 +715,7 @@ def _extract(path: Path, dest: Path) -> None:
         name = exc.tarinfo.name
         raise BackupInvalid(f"member escapes the directory: {name}") from exc
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise BackupInvalid(f"not a readable tar.gz archive: {_one_line(exc)}") from exc
+        raise BackupInvalid(f"not a readable tar.gz archive: {one_line(exc)}") from exc
 
 
 def _refuse_escaping(member: tarfile.TarInfo) -> None:
@@ -719,7 +727,8 @@ def _refuse_escaping(member: tarfile.TarInfo) -> None:
         raise BackupInvalid(f"unexpected member type: {member.name}")
 
 
-def _count_tree(root: Path) -> dict[str, int]:
+def count_tree(root: Path) -> dict[str, int]:
+    """Files, their bytes and symlinks under root, as a directory backup's manifest counts them."""
     found = {"files": 0, "bytes": 0, "symlinks": 0}
     for folder, dirs, files in os.walk(root):
         for name in (*dirs, *files):
@@ -835,8 +844,8 @@ def _create_one(
         log.info("backup skipped target=%s reason=%s", target.name, exc)
         return {"status": "busy", "error": str(exc)}
     except Exception as exc:
-        log.error("backup failed target=%s error=%s", target.name, _one_line(exc))
-        return {"status": "failed", "error": _one_line(exc)}
+        log.error("backup failed target=%s error=%s", target.name, one_line(exc))
+        return {"status": "failed", "error": one_line(exc)}
     return {"status": "created", "backup_id": row["id"], "key": row["key"]}
 
 
@@ -857,7 +866,7 @@ def _retain(target: str, store: BackupStore, retention: RetentionConfig) -> list
     except TargetBusy as exc:
         log.info("retention skipped target=%s reason=%s", target, exc)
     except (CaretakerError, psycopg.Error) as exc:
-        log.warning("retention failed target=%s error=%s", target, _one_line(exc))
+        log.warning("retention failed target=%s error=%s", target, one_line(exc))
     return []
 
 
@@ -933,11 +942,13 @@ def _scalar(conn: psycopg.Connection[Any], query: Any) -> Any:
     return row[0]
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's message, for a reason or a log line."""
     lines = str(exc).strip().splitlines()
     return " ".join(lines[0].split()) if lines else type(exc).__name__
 
 
-def _trimmed(text: str) -> str:
+def trimmed(text: str) -> str:
+    """Text on one line, cut to REASON_CHARS."""
     joined = " ".join(text.split())
     return joined if len(joined) <= REASON_CHARS else joined[: REASON_CHARS - 3] + "..."

@@ -45,6 +45,7 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.commands.run_command": "remediation",
         "caretaker.remediation.security_scan": "remediation",
         "caretaker.maintenance.create_backups": "maintenance",
+        "caretaker.maintenance.dr_drill": "maintenance",
         "caretaker.maintenance.maintain_databases": "maintenance",
         "caretaker.maintenance.verify_backups": "maintenance",
         "caretaker.incidents.send_notification": "incidents",

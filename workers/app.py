@@ -35,6 +35,7 @@ TASK_MODULES = [
     "tasks.backups",
     "tasks.dbmaint",
     "tasks.security",
+    "tasks.restore",
 ]
 
 

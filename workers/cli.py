@@ -741,6 +741,43 @@ def backups_verify(days: float | None, target_name: str | None, as_json: bool) -
         )
 
 
+@backups.command("restore")
+@click.option("--target", "target_name", metavar="NAME", required=True)
+@click.option("--backup", "backup_id", type=int, metavar="ID", help="Default: latest verified.")
+@click.option("--by", default=None, help="Who asks (default: the current user).")
+def backups_restore(target_name: str, backup_id: int | None, by: str | None) -> None:
+    """Restore a target from a backup as a run: stop its dependants, restore a copy, check
+    it, swap it in, start them, check their health; the original is put back and the run
+    escalated on any failure. Follow it with `caretaker runs list`."""
+    from tasks.restore import ask_for_restore
+
+    occurrence_id = ask_for_restore(target_name, backup_id, by or getpass.getuser())
+    backup = f"backup {backup_id}" if backup_id else "its latest verified backup"
+    click.echo(f"restore of {target_name} from {backup} recorded as occurrence {occurrence_id};")
+    click.echo("follow it with `caretaker runs list`")
+
+
+@backups.command("drill")
+@click.option("--target", "target_name", metavar="NAME", help="One of backups.databases.")
+@click.option("--json", "as_json", is_flag=True)
+def backups_drill(target_name: str | None, as_json: bool) -> None:
+    """Restore the latest verified backup of each database target into a scratch database
+    now, in this process, and record the time against its rto_s and the backup's age against
+    its rpo_s; exit 1 when a drill missed or failed."""
+    from tasks.restore import drill_now, render_drill
+
+    outcome = drill_now(target_name)
+    if as_json:
+        click.echo(json.dumps(outcome, indent=2, default=str))
+    for name, drill in [] if as_json else outcome.items():
+        click.echo(render_drill(name, drill))
+    if not outcome and not as_json:
+        click.echo("no database targets to drill")
+    bad = [name for name, drill in outcome.items() if drill["status"] in ("missed", "failed")]
+    if bad:
+        raise click.ClickException(f"{len(bad)} of {len(outcome)} drills missed or failed")
+
+
 @cli.group("db")
 def databases() -> None:
     """The databases of the backups section: maintenance."""
@@ -822,6 +859,25 @@ def security_findings(target_name: str | None, include_resolved: bool, as_json: 
     columns = ["target", "package", "installed_version", "advisory_id", "severity"]
     columns += ["fixed_version", "first_seen_at", "last_seen_at"]
     _print(rows, as_json, columns + (["resolved_at"] if include_resolved else []))
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--target", "target_name", metavar="NAME", help="One target (default: all).")
+@click.option("--by", default=None, help="Who asks (default: the current user).")
+def update(version: str, target_name: str | None, by: str | None) -> None:
+    """Update to the release tag VERSION as runs: archive, dump, check out, install, migrate,
+    restart, verify; rolled back and escalated on any failure. Without --target every target
+    is updated stage by stage, a stage once the one before verified it."""
+    from tasks.update import ask_for_update
+
+    try:
+        ids = ask_for_update(version, target_name, by or getpass.getuser())
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    listed = ", ".join(str(occurrence_id) for occurrence_id in ids)
+    click.echo(f"update to {version} recorded as occurrence{'s' * (len(ids) > 1)} {listed};")
+    click.echo("follow it with `caretaker runs list`")
 
 
 @cli.group()
