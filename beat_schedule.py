@@ -10,6 +10,8 @@ from workers.settings import Settings
 
 # Seconds between the ticks by which caretaker sees that beat is alive.
 BEAT_TICK_S = 30.0
+# Seconds between looks at whether a change window is open for the runs waiting for one.
+CHANGE_WINDOW_CHECK_S = 60.0
 
 
 def build_schedule(settings: Settings) -> dict[str, Any]:
@@ -69,6 +71,11 @@ def build_schedule(settings: Settings) -> dict[str, Any]:
         "security-scan-weekly": {
             "task": "caretaker.remediation.security_scan",
             "schedule": crontab(minute=45, hour=settings.daily_report_hour_utc, day_of_week=1),
+        },
+        "change-windows": {
+            "task": "caretaker.sweeper.open_change_windows",
+            "schedule": CHANGE_WINDOW_CHECK_S,
+            "options": {"expires": CHANGE_WINDOW_CHECK_S},
         },
         "beat-tick": {
             "task": "caretaker.health.record_beat_tick",

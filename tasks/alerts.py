@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from tasks.hotfix import ADVISORY_ALERT, SOURCE_MANUAL, hotfix_runbook
@@ -26,6 +27,7 @@ from workers.health import SOURCE_CHECK
 from workers.matchers import matches_all
 from workers.occurrences import SOURCE_ALERTMANAGER
 from workers.runs import StepRef
+from workers.windows import CHANGE_WINDOW, open_window
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def plan(config: Config, occurrence: Any) -> RunbookConfig | None:
         # Only a person, or the stage before, asks for an update; an alert of that name
         # gets no update run.
         try:
-            return planned_update(config, labels)
+            runbook = planned_update(config, labels)
+            return runbook.model_copy(update={"change_window": labels.get("window") == "true"})
         except ValueError as exc:
             return escalate_only(config, f"update refused: {exc}")
     if occurrence["source"] != SOURCE_CHECK:
@@ -73,9 +76,8 @@ def plan(config: Config, occurrence: Any) -> RunbookConfig | None:
 
 
 def _hotfix(config: Config, labels: dict[str, str]) -> RunbookConfig:
-    """The built-in hotfix run of a critical advisory, or escalation when it cannot be made."""
-    if labels.get("severity") != "critical":
-        return escalate_only(config, f"advisory {labels.get('advisory')}: not critical")
+    """The built-in hotfix run of an advisory, or escalation when it cannot be made; a
+    non-critical one is a planned change, made in a change window."""
     target = next((t for t in config.targets if t.name == labels.get("target")), None)
     if target is None:
         return escalate_only(config, f"no target named {labels.get('target')!r} to hotfix")
@@ -83,9 +85,13 @@ def _hotfix(config: Config, labels: dict[str, str]) -> RunbookConfig:
     if not fixed:
         return escalate_only(config, f"advisory {labels.get('advisory')}: no fixed version known")
     try:
-        return hotfix_runbook(target, labels.get("package", ""), fixed, labels.get("advisory", ""))
+        runbook = hotfix_runbook(
+            target, labels.get("package", ""), fixed, labels.get("advisory", "")
+        )
     except ValueError as exc:
         return escalate_only(config, f"hotfix refused: {exc}")
+    planned = labels.get("severity") != "critical"
+    return runbook.model_copy(update={"change_window": planned})
 
 
 def escalate_only(config: Config, reason: str) -> RunbookConfig:
@@ -135,7 +141,17 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
         log.warning("occurrence escalated occurrence_id=%s reason=%s", occurrence_id, reason)
         runbook = escalate_only(config, reason)
         params, _ = _parameters(runbook, occurrence)
-    first = runs.create_run(conn, occurrence_id, runbook, params, trigger="alert")
+    waiting_for = None
+    if runbook.change_window and open_window(config.change_windows, datetime.now(UTC)) is None:
+        if config.change_windows:
+            waiting_for = CHANGE_WINDOW
+        else:
+            log.info(
+                "planned change runs now: no change windows configured runbook=%s", runbook.name
+            )
+    first = runs.create_run(
+        conn, occurrence_id, runbook, params, trigger="alert", waiting_for=waiting_for
+    )
     log.info("occurrence routed occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
     return first
 

@@ -571,7 +571,8 @@ def _finding_order(finding: Finding) -> tuple[int, str, str]:
 
 def record_scan(conn: Connection, scan: TargetScan, config: Config) -> tuple[list[int], list[int]]:
     """Store a target's findings: new ones added, those found again seen again, those no
-    longer found resolved; critical ones raised as findings, the rest cleared. Returns the
+    longer found resolved; critical ones, and others with a known fix, raised as findings
+    (routed to a hotfix: at once, or in a change window), the rest cleared. Returns the
     occurrences to route and the notifications to send after commit."""
     # Two scans of one target at once (the task and the command line) would both add the
     # same open finding; the second waits and then sees the first's rows.
@@ -591,11 +592,14 @@ def record_scan(conn: Connection, scan: TargetScan, config: Config) -> tuple[lis
         ),
     ).rowcount
 
-    critical = {f.key: f for f in scan.findings if f.severity == "critical"}
-    new_ids = [_raise(conn, finding) for finding in critical.values()]
+    # Critical findings are hotfixed at once; others with a known fix wait for a change window.
+    raised = {
+        f.key: f for f in scan.findings if f.severity == "critical" or f.fixed_version is not None
+    }
+    new_ids = [_raise(conn, finding) for finding in raised.values()]
     notification_ids: list[int] = []
     for key in findings.open_findings(conn, f"{FINDING_PREFIX}{scan.target}:"):
-        if key not in critical:
+        if key not in raised:
             reason = "no longer found by the security scan"
             notification_ids += findings.clear_finding(conn, key, reason, config)
     return [i for i in new_ids if i is not None], notification_ids
@@ -629,12 +633,13 @@ def _raise(conn: Connection, finding: Finding) -> int | None:
         "target": finding.target,
         "package": finding.package,
         "advisory": finding.advisory_id,
-        "severity": "critical",
+        "advisory_severity": finding.severity,
+        "severity": "critical" if finding.severity == "critical" else "warning",
     } | ({"fixed_version": finding.fixed_version} if finding.fixed_version else {})
     fix = f"; fixed in {finding.fixed_version}" if finding.fixed_version else "; no fix known"
     summary = (
         f"{finding.package} {finding.installed_version} on {finding.target}:"
-        f" {finding.advisory_id} (critical) {finding.summary}".rstrip()
+        f" {finding.advisory_id} ({finding.severity}) {finding.summary}".rstrip()
         + fix
     )
     return findings.raise_finding(conn, finding.key, labels, summary)

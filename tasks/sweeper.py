@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from workers import dispatch, runs
 from workers.app import QUEUES, STEP_QUEUES, app
+from workers.config import get_config
 from workers.db import Connection, transaction
 from workers.errors import BrokerUnavailable
 from workers.runs import Claim, Outcome, StepRef
 from workers.settings import get_settings
+from workers.windows import CHANGE_WINDOW, open_window
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +191,20 @@ def sweep_lost_work() -> dict[str, int]:
             " ".join(f"{k}={v}" for k, v in counts.items()),
         )
     return counts
+
+
+@app.task(name="caretaker.sweeper.open_change_windows", acks_late=True)
+def open_change_windows() -> int:
+    """While a change window is open, start the runs waiting for one. Idempotent."""
+    config = get_config()
+    window = open_window(config.change_windows, datetime.now(UTC))
+    if window is None:
+        return 0
+    with transaction() as conn:
+        first_steps = runs.resume_waiting(
+            conn, CHANGE_WINDOW, f"change window {window.name} is open"
+        )
+    dispatch.try_send("first steps", dispatch.execute_steps, first_steps)
+    if first_steps:
+        log.info("change window open window=%s runs=%d", window.name, len(first_steps))
+    return len(first_steps)

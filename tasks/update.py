@@ -352,7 +352,8 @@ def continue_update(params: ContinueParams, context: StepContext) -> Outcome:
         if waiting:
             return Outcome(ok=True, result={"waiting_for": waiting})
         targets = [_configured(config, name) for name in params.targets]
-        requested = _ask(conn, targets, params.version, update_id, "caretaker")
+        in_window = context.labels.get("window") == "true"
+        requested = _ask(conn, targets, params.version, update_id, "caretaker", in_window)
 
     dispatch.try_send("routing", dispatch.route_occurrences, list(requested.values()))
     log.info("next stage requested update_id=%s targets=%s", update_id, ",".join(requested))
@@ -565,7 +566,9 @@ def _drop_database(admin: str, name: str) -> None:
 # Asking for updates
 
 
-def request_update(conn: Connection, version: str, target: str | None, person: str) -> list[int]:
+def request_update(
+    conn: Connection, version: str, target: str | None, person: str, in_window: bool = False
+) -> list[int]:
     """Record an update to the tag `version` asked for by a person, of one target or of every
     target stage by stage: the first stage now, each next one once the one before verified
     it. Returns the occurrence ids to route. Everything is checked before anything is
@@ -581,21 +584,29 @@ def request_update(conn: Connection, version: str, target: str | None, person: s
     for each in chosen:
         update_tree(each)
         environment(each)
-    requested = _ask(conn, chosen, tag, uuid.uuid4().hex[:12], person)
+    requested = _ask(conn, chosen, tag, uuid.uuid4().hex[:12], person, in_window)
     return list(requested.values())
 
 
-def ask_for_update(version: str, target: str | None, person: str) -> list[int]:
-    """A person's update request: recorded, then routed. Returns the occurrence ids."""
+def ask_for_update(
+    version: str, target: str | None, person: str, in_window: bool = False
+) -> list[int]:
+    """A person's update request: recorded, then routed; with `in_window` each run waits for
+    a change window. Returns the occurrence ids."""
     version_tag(version)
     with transaction() as conn:
-        ids = request_update(conn, version, target, person)
+        ids = request_update(conn, version, target, person, in_window)
     dispatch.try_send("routing", dispatch.route_occurrences, ids)
     return ids
 
 
 def _ask(
-    conn: Connection, targets: list[ServiceTarget], version: str, update_id: str, person: str
+    conn: Connection,
+    targets: list[ServiceTarget],
+    version: str,
+    update_id: str,
+    person: str,
+    in_window: bool = False,
 ) -> dict[str, int]:
     """Record the occurrences of the first stage of these targets; the later ones go along,
     in order of stage, as the label `then`. Returns the occurrence id of each target."""
@@ -611,7 +622,7 @@ def _ask(
             "then": then,
             "update_id": update_id,
             "stage": str(target.stage),
-        }
+        } | ({"window": "true"} if in_window else {})
         summary = f"update of {target.name} to {version}, asked by {person}"
         row = conn.execute(
             """

@@ -51,6 +51,7 @@ def test_task_names_are_stable_and_routed_to_their_queue() -> None:
         "caretaker.incidents.send_notification": "incidents",
         "caretaker.runs.execute_step": "alerts",
         "caretaker.sweeper.sweep_lost_work": "alerts",
+        "caretaker.sweeper.open_change_windows": "alerts",
     }
 
 

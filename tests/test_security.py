@@ -234,7 +234,8 @@ def test_a_scan_finds_exactly_the_advisories_affecting_the_installed_version(
     ]
     assert rows[0]["aliases"] == ["CVE-2099-0001"]
     assert rows[1]["summary"] == "Information disclosure in caretaker-demo-vuln"
-    [occurrence] = finding_occurrences(clean)
+    # The critical one is hotfixed at once; the high one, with a fix, in a change window.
+    occurrence, planned = finding_occurrences(clean)
     assert occurrence["fingerprint"] == CRITICAL_KEY
     assert occurrence["status"] == "firing"
     assert occurrence["labels"] == {
@@ -242,10 +243,16 @@ def test_a_scan_finds_exactly_the_advisories_affecting_the_installed_version(
         "target": "app",
         "package": DEMO,
         "advisory": "CARETAKER-DEMO-0001",
+        "advisory_severity": "critical",
         "severity": "critical",
         "fixed_version": "1.1",
     }
-    routed = ("caretaker.alerts.route_occurrences", [[occurrence["id"]]])
+    assert planned["fingerprint"] == f"security:app:{DEMO}:CARETAKER-DEMO-0002"
+    assert (planned["labels"]["severity"], planned["labels"]["advisory_severity"]) == (
+        "warning",
+        "high",
+    )
+    routed = ("caretaker.alerts.route_occurrences", [[occurrence["id"], planned["id"]]])
     assert routed in queued_tasks(broker, "alerts")
 
 
@@ -262,7 +269,7 @@ def test_a_rescan_sees_findings_again_without_adding_any(clean: Conn, scratch: S
     assert [r["id"] for r in after] == [r["id"] for r in before]
     assert [r["first_seen_at"] for r in after] == [r["first_seen_at"] for r in before]
     assert all(a["last_seen_at"] > b["last_seen_at"] for a, b in zip(after, before, strict=True))
-    assert len(finding_occurrences(clean)) == 1
+    assert len(finding_occurrences(clean)) == 2
 
 
 def test_upgrading_resolves_the_findings_and_clears_the_occurrence(
@@ -280,15 +287,15 @@ def test_upgrading_resolves_the_findings_and_clears_the_occurrence(
     assert open_rows(clean) == []
     resolved = clean.execute("SELECT resolved_at FROM security_findings").fetchall()
     assert len(resolved) == 2 and all(row["resolved_at"] is not None for row in resolved)
-    [occurrence] = finding_occurrences(clean)
-    assert occurrence["status"] == "resolved"
+    assert [o["status"] for o in finding_occurrences(clean)] == ["resolved", "resolved"]
 
     # Back to the vulnerable version: new findings, the old ones stay history.
     scratch.install(f"{DEMO}==1.0")
     report = security.scan_now(config=config, settings=dir_settings())
     assert report.targets[0].new == 2
     assert clean.execute("SELECT count(*) AS n FROM security_findings").fetchone() == {"n": 4}
-    assert [o["status"] for o in finding_occurrences(clean)] == ["resolved", "firing"]
+    statuses = [o["status"] for o in finding_occurrences(clean)]
+    assert statuses == ["resolved", "resolved", "firing", "firing"]
 
 
 def test_a_target_that_cannot_be_listed_is_reported_and_the_others_scanned(
@@ -329,7 +336,7 @@ def test_findings_of_a_target_that_fails_stay_open(
 
     assert report.targets[0].error is not None
     assert len(open_rows(clean)) == 2
-    assert [o["status"] for o in finding_occurrences(clean)] == ["firing"]
+    assert [o["status"] for o in finding_occurrences(clean)] == ["firing", "firing"]
 
 
 def test_findings_of_a_removed_target_are_resolved(clean: Conn, scratch: ScratchEnv) -> None:
@@ -339,7 +346,7 @@ def test_findings_of_a_removed_target_are_resolved(clean: Conn, scratch: Scratch
     security.scan_now(config=Config(), settings=dir_settings())
 
     assert open_rows(clean) == []
-    assert [o["status"] for o in finding_occurrences(clean)] == ["resolved"]
+    assert [o["status"] for o in finding_occurrences(clean)] == ["resolved", "resolved"]
 
 
 def test_an_empty_advisory_directory_is_an_error(scratch: ScratchEnv, tmp_path: Path) -> None:
@@ -488,7 +495,7 @@ def test_an_osv_api_error_fails_the_scan_and_resolves_nothing(
         {"code": 13, "message": "internal"}
     )
     assert len(open_rows(clean)) == 3
-    assert [o["status"] for o in finding_occurrences(clean)] == ["firing"]
+    assert {o["status"] for o in finding_occurrences(clean)} == {"firing"}
 
 
 def test_an_unreachable_osv_api_is_an_error(scratch: ScratchEnv, osv_api: OsvStandIn) -> None:

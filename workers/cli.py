@@ -864,15 +864,16 @@ def security_findings(target_name: str | None, include_resolved: bool, as_json: 
 @cli.command()
 @click.argument("version")
 @click.option("--target", "target_name", metavar="NAME", help="One target (default: all).")
+@click.option("--in-window", is_flag=True, help="Wait for a change window (change_windows) to run.")
 @click.option("--by", default=None, help="Who asks (default: the current user).")
-def update(version: str, target_name: str | None, by: str | None) -> None:
+def update(version: str, target_name: str | None, in_window: bool, by: str | None) -> None:
     """Update to the release tag VERSION as runs: archive, dump, check out, install, migrate,
     restart, verify; rolled back and escalated on any failure. Without --target every target
     is updated stage by stage, a stage once the one before verified it."""
     from tasks.update import ask_for_update
 
     try:
-        ids = ask_for_update(version, target_name, by or getpass.getuser())
+        ids = ask_for_update(version, target_name, by or getpass.getuser(), in_window)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     listed = ", ".join(str(occurrence_id) for occurrence_id in ids)

@@ -95,6 +95,8 @@ class RunbookConfig(Strict):
     # Run in order when a step fails, to put back what the steps changed; escalation follows.
     rollback: list[StepConfig] = []
     on_failure: OnFailure = OnFailure()
+    # A planned change: its run waits until a change window is open.
+    change_window: bool = False
 
     @model_validator(mode="after")
     def _rollback_kinds(self) -> RunbookConfig:
@@ -324,6 +326,23 @@ class BackupsConfig(Strict):
     verify_days: float = Field(default=1.0, gt=0, le=366)
 
 
+def _valid_cron(text: str) -> str:
+    from croniter import croniter
+
+    if not croniter.is_valid(text):
+        raise ValueError(f"{text!r} is not a cron expression (minute hour day month weekday)")
+    return text
+
+
+class ChangeWindow(Strict):
+    """A recurring slot, in UTC, in which caretaker may make planned changes: it opens at each
+    time the cron expression gives and stays open `duration_h` hours."""
+
+    name: str = Field(pattern=_NAME)
+    cron: Annotated[str, AfterValidator(_valid_cron)]
+    duration_h: float = Field(gt=0, le=24 * 31)
+
+
 class ServiceTarget(Strict):
     """A service caretaker may change: its Python environment, how to test, restart and
     check it, where its code and requirements live. caretaker's own environment is never one
@@ -352,6 +371,8 @@ class Config(Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     backups: BackupsConfig = BackupsConfig()
     targets: list[ServiceTarget] = []
+    # Planned changes (updates asked for in a window, non-critical hotfixes) wait for one.
+    change_windows: list[ChangeWindow] = []
     default_severity: Severity = "critical"
 
 

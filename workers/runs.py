@@ -88,14 +88,24 @@ def create_run(
     runbook: RunbookConfig,
     params: list[dict[str, Any]],
     trigger: str,
-) -> StepRef:
-    """Create the run of an occurrence with its steps, all pending; return the first step."""
+    waiting_for: str | None = None,
+) -> StepRef | None:
+    """Create the run of an occurrence with its steps, all pending; return the first step to
+    dispatch. With `waiting_for`, the run waits instead (durably: nothing is sent) until
+    resume_waiting releases it; None is returned."""
     run_id = conn.execute(
         """
-        INSERT INTO runs (occurrence_id, runbook, status, trigger, on_failure)
-        VALUES (%s, %s, 'running', %s, %s) RETURNING id
+        INSERT INTO runs (occurrence_id, runbook, status, trigger, on_failure, waiting_for)
+        VALUES (%s, %s, %s, %s, %s, %s) RETURNING id
         """,
-        (occurrence_id, runbook.name, trigger, runbook.on_failure.model_dump_json()),
+        (
+            occurrence_id,
+            runbook.name,
+            "waiting" if waiting_for else "running",
+            trigger,
+            runbook.on_failure.model_dump_json(),
+            waiting_for,
+        ),
     ).fetchone()["id"]  # type: ignore[index]
     steps = [*runbook.steps, *runbook.rollback]
     for position, (step, step_params) in enumerate(zip(steps, params, strict=True)):
@@ -109,7 +119,38 @@ def create_run(
         run_id=run_id,
         occurrence_id=occurrence_id,
     )
+    if waiting_for:
+        conn.execute(
+            "UPDATE steps SET status = 'waiting' WHERE run_id = %s AND position = 0", (run_id,)
+        )
+        event(conn, "run_waiting", "caretaker", f"waiting for {waiting_for}", run_id=run_id)
+        return None
     return _mark_dispatched(conn, run_id, 0)
+
+
+def resume_waiting(conn: Connection, waiting_for: str, reason: str) -> list[StepRef]:
+    """Release every run waiting for `waiting_for`: its first step is dispatched."""
+    resumed = conn.execute(
+        """
+        UPDATE runs SET status = 'running', waiting_for = NULL
+         WHERE status = 'waiting' AND waiting_for = %s
+        RETURNING id
+        """,
+        (waiting_for,),
+    ).fetchall()
+    first_steps = []
+    for row in resumed:
+        waiting = conn.execute(
+            """
+            UPDATE steps SET status = 'pending' WHERE run_id = %s AND status = 'waiting'
+            RETURNING position
+            """,
+            (row["id"],),
+        ).fetchone()
+        event(conn, "run_resumed", "caretaker", reason, run_id=row["id"])
+        if waiting is not None:
+            first_steps.append(_mark_dispatched(conn, row["id"], waiting["position"]))
+    return first_steps
 
 
 def _insert_step(
