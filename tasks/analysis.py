@@ -49,6 +49,7 @@ def detect_anomalies() -> dict[str, Any]:
                 log.warning("anomaly detection source failed series=%s error=%s", spec.name, exc)
                 outcome[spec.name] = {"status": "error", "message": str(exc)}
                 continue
+            notification_ids += _clear_vanished(spec.name, {item.key for item in judged})
             for item in judged:
                 outcome[item.key] = {"status": item.status, "message": item.message}
                 new_ids += [item.new_occurrence_id] if item.new_occurrence_id else []
@@ -61,6 +62,22 @@ def detect_anomalies() -> dict[str, Any]:
     anomalous = sum(1 for item in outcome.values() if item["status"] == "anomalous")
     log.info("anomaly detection done series=%d anomalous=%d", len(outcome), anomalous)
     return outcome
+
+
+def _clear_vanished(name: str, reported: set[str]) -> list[int]:
+    """End the findings of a series' label sets the source no longer reports (a pod that
+    went away): nothing would ever score them normal again."""
+    from tasks.detection import FINDING_PREFIX
+
+    notification_ids: list[int] = []
+    with transaction() as conn:
+        for key in findings.open_findings(conn, f"{FINDING_PREFIX}{name}"):
+            series = key.removeprefix(FINDING_PREFIX)
+            mine = series == name or series.startswith(name + "{")
+            if mine and series not in reported:
+                reason = f"{series} is no longer reported by its source"
+                notification_ids += findings.clear_finding(conn, key, reason, get_config())
+    return notification_ids
 
 
 def _clear_removed(configured: set[str]) -> list[int]:

@@ -12,6 +12,8 @@ Method = Literal["mad", "zscore"]
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
+# sqrt(pi / 2) * mean absolute deviation estimates the standard deviation of normal data.
+MEAN_AD_TO_SIGMA = 1.2533
 # Fewer points than this give no trustworthy centre and spread: nothing is scored.
 MIN_POINTS = 8
 # The spread never falls below this share of the centre's size (or the absolute floor), so a
@@ -64,7 +66,13 @@ def baseline(values: np.ndarray, method: Method) -> tuple[float, float]:
     else:
         flat = np.asarray(values, dtype=float).ravel()
         center = _median(flat.copy())
-        spread = MAD_TO_SIGMA * _median(np.abs(flat - center))
+        deviations = np.abs(flat - center)
+        spread = MAD_TO_SIGMA * _median(deviations.copy())
+        if spread == 0.0 and flat.size:
+            # Over half the points sit on the median (a mostly-zero error rate, an integer
+            # gauge): MAD says nothing of the rest. The mean absolute deviation, scaled to a
+            # standard deviation for normal data, still does; a truly flat series stays 0.
+            spread = MEAN_AD_TO_SIGMA * float(deviations.mean())
     floor = max(abs(center) * RELATIVE_SCALE_FLOOR, ABSOLUTE_SCALE_FLOOR)
     return center, max(spread, floor)
 
@@ -122,7 +130,14 @@ def to_rate(counter: pd.Series) -> pd.Series:
     """Per-second rate of a monotonic counter (`*_total`), by real timestamps; a reset (the
     counter falling) counts the new value as the increase, as Prometheus does."""
     values = clean(counter)
+    # A sample repeated at several instants (a query step finer than the scrape interval)
+    # is one reading: only the instants where the counter moved are kept, so its increase is
+    # spread over the real time it took, not put all on one step.
     array = values.to_numpy()
+    moved = np.concatenate(([True], array[1:] != array[:-1]))
+    if not moved.all():
+        values = values[moved]
+        array = values.to_numpy()
     increase = np.diff(array)
     reset = increase < 0
     increase[reset] = array[1:][reset]
@@ -133,8 +148,23 @@ def to_rate(counter: pd.Series) -> pd.Series:
     return pd.Series(increase / elapsed_s, index=values.index[1:], name=name)
 
 
+# Epoch seconds reach 1e11 in the year 5138; larger numbers are milliseconds, up to 1e14.
+_SECONDS_BELOW = 1e11
+_MILLISECONDS_BELOW = 1e14
+
+
+def _epoch_unit(numbers: pd.Series, path: str) -> str:
+    largest = float(numbers.abs().max()) if len(numbers) else 0.0
+    if largest < _SECONDS_BELOW:
+        return "s"
+    if largest < _MILLISECONDS_BELOW:
+        return "ms"
+    raise ValueError(f"{path}: epoch timestamps must be in seconds or milliseconds")
+
+
 def read_csv_series(path: str) -> pd.Series:
-    """A `timestamp,value` CSV file as a series; timestamps in RFC 3339 or epoch seconds."""
+    """A `timestamp,value` CSV file as a series; timestamps in RFC 3339 (UTC when no offset
+    is given) or epoch seconds (or milliseconds, told apart by their size)."""
     try:
         frame = pd.read_csv(path)
     except (OSError, ValueError) as exc:
@@ -146,7 +176,7 @@ def read_csv_series(path: str) -> pd.Series:
     numeric = pd.to_numeric(stamps, errors="coerce")
     try:
         if numeric.notna().all():
-            index = pd.to_datetime(numeric, unit="s", utc=True)
+            index = pd.to_datetime(numeric, unit=_epoch_unit(numeric, path), utc=True)
         else:
             index = pd.to_datetime(stamps, utc=True, format="ISO8601")
     except (ValueError, TypeError) as exc:

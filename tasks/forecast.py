@@ -45,8 +45,15 @@ def forecast(
     """Fit value = a + b * t (t in days); forecast horizon_days past the last point.
 
     days_to_threshold counts from the last point and is None when the trend never gets there.
-    With a capacity (100 for percentages), the forecast's share of it gives the level.
+    With a capacity (100 for percentages), the share of it the series takes, now (on the
+    trend) or at the horizon, whichever is larger, gives the level: a resource full today is
+    not "ok" because its trend falls. ValueError for non-finite arguments or a fit that
+    overflows.
     """
+    arguments = {"horizon_days": horizon_days, "threshold": threshold, "capacity": capacity}
+    for name, number in arguments.items():
+        if number is not None and not np.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, not {number}")
     values = clean(series)
     if len(values) < MIN_POINTS:
         raise ValueError(f"too few points to forecast: {len(values)} (at least {MIN_POINTS})")
@@ -55,13 +62,15 @@ def forecast(
     stamps = values.index.asi8.view(f"M8[{values.index.unit}]")
     days = (stamps - stamps[0]) / np.timedelta64(1, "s") / SECONDS_PER_DAY
     y = values.to_numpy()
-    slope, intercept = _fit(days, y)
-
-    last_day = float(days[-1])
-    current = float(intercept + slope * last_day)
-    at = last_day + horizon_days
-    predicted = float(intercept + slope * at)
-    half_width = _band(days, y, slope, intercept, at, confidence)
+    with np.errstate(all="ignore"):
+        slope, intercept = _fit(days, y)
+        last_day = float(days[-1])
+        current = float(intercept + slope * last_day)
+        at = last_day + horizon_days
+        predicted = float(intercept + slope * at)
+        half_width = _band(days, y, slope, intercept, at, confidence)
+    if not np.isfinite([slope, current, predicted, half_width]).all():
+        raise ValueError("the values are too large to fit a trend to")
     return Forecast(
         points=len(values),
         slope_per_day=slope,
@@ -72,7 +81,7 @@ def forecast(
         horizon_days=horizon_days,
         threshold=threshold,
         days_to_threshold=_days_to(threshold, current, slope),
-        **dict(zip(("level", "advice"), _level(predicted, capacity), strict=True)),
+        **dict(zip(("level", "advice"), _level(max(predicted, current), capacity), strict=True)),
     )
 
 

@@ -186,3 +186,56 @@ def test_cli_names_a_bad_file(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert "missing column(s) timestamp, value" in result.output
+
+
+def test_a_mostly_constant_series_keeps_a_real_spread() -> None:
+    # A 5xx rate that is 0 most of the time: MAD is 0, the spread must not be.
+    values = [0.0] * 70 + [1.0] * 30
+    found = detect(minutes(values))
+
+    assert found.center == 0.0
+    assert found.scale == pytest.approx(1.2533 * 0.3)
+    assert found.anomalies == []
+    assert [a.value for a in detect(minutes([*values, 9.0])).anomalies] == [9.0]
+
+
+def test_a_counter_sampled_finer_than_it_is_scraped_gives_its_true_rate() -> None:
+    # Scraped every 60 s at 10/s, queried every 15 s: each reading repeats four times.
+    readings = [600.0 * (i // 4) for i in range(16)]
+    index = pd.date_range("2026-12-01", periods=16, freq="15s", tz="UTC")
+
+    rate = to_rate(pd.Series(readings, index=index))
+
+    assert rate.tolist() == [10.0, 10.0, 10.0]
+    assert rate.index.tolist() == index[[4, 8, 12]].tolist()
+
+
+def test_epoch_milliseconds_are_told_from_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "ms.csv"
+    path.write_text("timestamp,value\n1764547200000,1\n1764633600000,2\n1764720000000,3\n")
+
+    series = read_csv_series(str(path))
+
+    assert series.index[0] == pd.Timestamp("2025-12-01T00:00:00Z")
+    assert forecast(series, 10, threshold=90).slope_per_day == pytest.approx(1.0)
+
+
+def test_a_resource_full_now_is_not_ok_because_its_trend_falls() -> None:
+    falling = pd.Series(
+        [109.0, 106.0, 103.0, 100.0],
+        index=pd.date_range("2026-01-01", periods=4, freq="D", tz="UTC"),
+    )
+
+    result = forecast(falling, 30, threshold=90, capacity=100)
+
+    assert result.days_to_threshold == 0.0
+    assert (result.level, result.advice) == ("critical", "increase now")
+
+
+@pytest.mark.parametrize("name", ["horizon_days", "threshold", "capacity"])
+def test_non_finite_forecast_arguments_are_refused(name: str) -> None:
+    flat = minutes([1.0, 2.0, 3.0])
+    arguments = {"horizon_days": 30.0, "threshold": 90.0, "capacity": 100.0} | {name: float("nan")}
+
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        forecast(flat, **arguments)

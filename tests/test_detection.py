@@ -266,3 +266,33 @@ def test_the_finding_of_a_series_no_longer_configured_is_cleared(
     assert rows == [{"fingerprint": "anomaly:retired", "status": "resolved"}]
     reason = db.execute("SELECT message FROM events WHERE kind = 'occurrence_resolved'").fetchone()
     assert reason == {"message": "retired removed from the configuration"}
+
+
+def test_the_finding_of_a_label_set_no_longer_reported_is_cleared(
+    db: Conn, worker: subprocess.Popen[bytes]
+) -> None:
+    from workers.findings import raise_finding
+
+    gone = 'anomaly:web-latency{pod="p2"}'
+    other = "anomaly:web-latency-p95"  # another series whose name merely starts the same
+    with transaction() as conn:
+        raise_finding(conn, gone, {"alertname": "Anomaly"}, "p2 was far off")
+        raise_finding(conn, other, {"alertname": "Anomaly"}, "still far off")
+
+    app.send_task("caretaker.analysis.detect_anomalies", ignore_result=False).get(timeout=60)
+
+    rows = db.execute("SELECT fingerprint, status FROM occurrences ORDER BY id").fetchall()
+    assert rows == [
+        {"fingerprint": gone, "status": "resolved"},
+        {"fingerprint": other, "status": "resolved"},  # not configured at all: removed
+    ]
+    reasons = [
+        r["message"]
+        for r in db.execute(
+            "SELECT message FROM events WHERE kind = 'occurrence_resolved' ORDER BY id"
+        )
+    ]
+    assert reasons == [
+        'web-latency{pod="p2"} is no longer reported by its source',
+        "web-latency-p95 removed from the configuration",
+    ]

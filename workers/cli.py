@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -288,6 +289,9 @@ def dispatch(task: str, args: tuple[str, ...], wait: bool, timeout_s: float) -> 
     options = {"ignore_result": False} if wait else {}
     try:
         result = app.tasks[task].apply_async(kwargs=kwargs, **options)
+    except TypeError as exc:
+        # Celery checks the arguments against the task's signature before sending.
+        raise click.ClickException(f"{task} does not take these arguments: {exc}") from exc
     except OperationalError as exc:
         message = f"cannot send {task}: broker unreachable: {exc} (broker {url})"
         raise click.ClickException(message) from exc
@@ -415,6 +419,7 @@ def analyze() -> None:
 
 # Without --range, a Prometheus query looks this far back.
 DEFAULT_RANGE_S = 30 * 86400.0
+MAX_DURATION_S = 100 * 366 * 86400.0
 
 
 class _Duration(click.ParamType[float]):
@@ -432,10 +437,30 @@ class _Duration(click.ParamType[float]):
         try:
             seconds = float(text[:-1]) * self.UNIT_S[text[-1:]]
         except (KeyError, ValueError):
-            seconds = 0.0
-        if not 0 < seconds < float("inf"):
             self.fail(f"{value!r} is not a duration: a number and a unit, s m h d or w", param, ctx)
+        if not 0 < seconds <= MAX_DURATION_S:
+            self.fail(f"{value!r} must be more than 0 and at most 100 years", param, ctx)
         return seconds
+
+
+class _Finite(click.ParamType[float]):
+    """A finite number over 0 (NaN and infinity would quietly switch the analysis off)."""
+
+    name = "number"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} must be a finite number over 0", param, ctx)
+        return number
+
+
+POSITIVE = _Finite()
 
 
 def _source_options(command: Any) -> Any:
@@ -471,9 +496,7 @@ def _source_options(command: Any) -> Any:
 @analyze.command("anomalies")
 @_source_options
 @click.option("--method", type=click.Choice(["mad", "zscore"]), default="mad", show_default=True)
-@click.option(
-    "--threshold", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True
-)
+@click.option("--threshold", type=POSITIVE, default=3.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def analyze_anomalies(
     path: str | None,
@@ -544,12 +567,10 @@ def _echo_anomalies(summary: dict[str, Any], as_json: bool, indent: str = "") ->
 @analyze.command("capacity")
 @_source_options
 @click.option("--threshold", type=float, required=True, help="Value the series must stay under.")
-@click.option(
-    "--horizon-days", type=click.FloatRange(min=0, min_open=True), default=90.0, show_default=True
-)
+@click.option("--horizon-days", type=POSITIVE, default=90.0, show_default=True)
 @click.option(
     "--capacity",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=None,
     help="What 100% is (100 for percentages); gives the level.",
 )
