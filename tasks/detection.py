@@ -115,7 +115,11 @@ def judge(
     new = values[values.index > cut]
     judged.center, judged.scale = against
     if new.empty:
-        judged.message = "no new points since the previous run"
+        judged.message = (
+            "no new points since the previous run"
+            if stored is not None
+            else "no points in the latest interval yet"
+        )
         return judged
 
     found = anomaly.detect(new, spec.method, spec.threshold, against=against)

@@ -49,3 +49,9 @@ def test_a_notify_secret_whose_variable_is_unset_is_a_notify_error(
 
     with pytest.raises(NotifyError, match="CARETAKER_TEST_UNSET_TOKEN"):
         deliver(config, "ops", {}, timeout_s=1)
+
+
+def test_an_empty_url_setting_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARETAKER_PROMETHEUS_URL", "")
+
+    assert Settings().prometheus_url is None

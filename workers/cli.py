@@ -63,6 +63,8 @@ def main() -> None:
         level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # httpx logs every request at INFO, URL and all: caretaker logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     cli()
 
 

@@ -84,10 +84,17 @@ class Settings(BaseSettings):
             raise ValueError(f"not a PostgreSQL connection URL: {exc}") from None
         return value
 
-    @field_validator("webhook_token", "webhook_password", mode="before")
+    @field_validator(
+        "webhook_token",
+        "webhook_password",
+        "prometheus_url",
+        "osv_url",
+        "package_index_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        # An empty variable must not become a credential that an empty header matches.
+        # Empty means unset: never a credential that an empty header matches, nor a URL.
         return None if value == "" else value
 
 
