@@ -353,9 +353,10 @@ def test_runs_show_gives_step_durations_exit_codes_and_utc_times(db: Conn) -> No
 
     assert lines[1] == "  started 2026-12-01 09:59:59 UTC, finished -"
     assert lines[3:6] == [
-        "  0. escalate         escalate  succeeded     0.25s",
-        "  1. restart          recover   failed       12.50s  exit 3  command exited with 3",
-        "  2. restart-again    recover   failed       60.00s  timed out"
+        "  0. escalate               escalate  succeeded     0.25s",
+        "  1. restart                recover   failed       12.50s  exit 3"
+        "  command exited with 3",
+        "  2. restart-again          recover   failed       60.00s  timed out"
         "  command timed out after 60.0s",
     ]
     assert first_event is not None
@@ -407,3 +408,23 @@ def test_dispatch_with_the_broker_down_is_one_line() -> None:
     assert process.stderr.startswith("Error: cannot send caretaker.health.check_system: broker")
     assert process.stderr.rstrip().endswith(f"(broker {broker_url})")
     assert "Traceback" not in process.stderr
+
+
+def test_a_built_in_step_shows_what_it_made_not_a_command_outcome() -> None:
+    from workers.views import _step_line
+
+    step = {
+        "position": 1,
+        "name": "restore-copy",
+        "kind": "recover",
+        "status": "succeeded",
+        "started_at": "2026-12-01T10:00:00+00:00",
+        "finished_at": "2026-12-01T10:00:02+00:00",
+        "error": None,
+        "result": {"copy": "shop_restore_20261201100000", "backup_id": 7, "tables": {"a": 1}},
+    }
+
+    assert _step_line(step) == (
+        "  1. restore-copy           recover   succeeded     2.00s"
+        "  copy=shop_restore_20261201100000, backup_id=7"
+    )

@@ -212,10 +212,13 @@ def _step_line(step: dict[str, Any]) -> str:
     summary = result.get("summary") or step["error"] or ""
     took = _took(step["started_at"], step["finished_at"])
     line = (
-        f"  {step['position']}. {step['name']:<16} {step['kind']:<9} {step['status']:<10} {took:>8}"
+        f"  {step['position']}. {step['name']:<22} {step['kind']:<9} {step['status']:<10} {took:>8}"
     )
-    if step["kind"] == "recover" and result:
+    if step["kind"] == "recover" and "exit_code" in result:
         line += f"  {_command_outcome(result)}"
+    elif step["kind"] == "recover" and result and not summary:
+        # A built-in action: what it did, briefly (the names of what it made, for instance).
+        summary = _brief(result)
     return f"{line}  {summary}".rstrip()
 
 
@@ -224,3 +227,10 @@ def _command_outcome(result: dict[str, Any]) -> str:
         return "timed out"
     exit_code = result.get("exit_code")
     return "did not start" if exit_code is None else f"exit {exit_code}"
+
+
+def _brief(result: dict[str, Any], limit: int = 100) -> str:
+    shown = ", ".join(
+        f"{key}={value}" for key, value in result.items() if isinstance(value, str | int | float)
+    )
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
