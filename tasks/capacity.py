@@ -11,7 +11,6 @@ from tasks import anomaly, sources
 from tasks.detection import series_key
 from tasks.forecast import forecast
 from workers.config import CapacityConfig, Config
-from workers.db import transaction
 from workers.errors import SourceError
 from workers.settings import Settings
 
@@ -44,11 +43,7 @@ def _plan(spec: CapacityConfig, settings: Settings, now: datetime) -> list[dict[
     start = now - timedelta(days=spec.history_days)
     base = {"name": spec.name, "threshold": spec.threshold, "capacity": spec.capacity}
     try:
-        if spec.query is not None:
-            fetched = sources.fetch(spec, start, now, settings)
-        else:
-            with transaction() as conn:
-                fetched = sources.fetch(spec, start, now, settings, conn)
+        fetched = sources.fetch(spec, start, now, settings)
     except SourceError as exc:
         log.warning("capacity series unreadable name=%s error=%s", spec.name, exc)
         return [base | {"key": spec.name, "labels": {}, "error": str(exc)}]

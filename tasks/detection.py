@@ -63,11 +63,7 @@ def detect_series(
     """Collect, analyse and judge every series `spec` names, one transaction per series; the
     collection itself holds no transaction open while Prometheus answers."""
     start = now - timedelta(days=spec.baseline_days)
-    if spec.query is not None:
-        fetched = sources.fetch(spec, start, now, settings)
-    else:
-        with transaction() as conn:
-            fetched = sources.fetch(spec, start, now, settings, conn)
+    fetched = sources.fetch(spec, start, now, settings)
     counter = sources.is_counter(spec.query, spec.counter)
     judged = []
     for item in fetched:

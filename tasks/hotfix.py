@@ -127,16 +127,22 @@ def pip_install_argv(python: Path, pins: list[str], exact: bool = False) -> list
     """pip's argv for the pins into the environment of `python`, from the configured package
     index; `exact` installs only them (no dependency changes), as a rollback must."""
     argv = [*_pip(python), "install", "--no-input", "--disable-pip-version-check"]
-    index = get_settings().package_index_url
-    if index is not None:
-        local = index.removeprefix("file://")
-        if local != index or index.startswith("/"):
-            argv += ["--no-index", "--find-links", local]
-        else:
-            argv += ["--index-url", index]
+    argv += index_options()
     if exact:
         argv.append("--no-deps")
     return [*argv, "--", *pins]
+
+
+def index_options() -> list[str]:
+    """pip's options for the configured package index: a local directory of wheels (a path
+    or file:// URL) or an index URL; none means pip's default."""
+    index = get_settings().package_index_url
+    if index is None:
+        return []
+    local = index.removeprefix("file://")
+    if local != index or index.startswith("/"):
+        return ["--no-index", "--find-links", local]
+    return ["--index-url", index]
 
 
 def _pip(python: Path) -> list[str]:

@@ -13,7 +13,6 @@ import pandas as pd
 from tasks import anomaly, sources
 from tasks.detection import series_key
 from workers.config import Config, SeriesConfig
-from workers.db import transaction
 from workers.errors import SourceError
 from workers.settings import Settings, read_env_secret
 
@@ -52,14 +51,13 @@ def performance_review(config: Config, settings: Settings, now: datetime) -> dic
 def _review_series(spec: SeriesConfig, settings: Settings, now: datetime) -> list[dict[str, Any]]:
     start = now - WEEK - timedelta(days=spec.baseline_days)
     try:
-        if spec.query is not None:
-            fetched = sources.fetch(spec, start, now, settings)
-        else:
-            with transaction() as conn:
-                fetched = sources.fetch(spec, start, now, settings, conn)
+        fetched = sources.fetch(spec, start, now, settings)
     except SourceError as exc:
         log.warning("review series unreadable name=%s error=%s", spec.name, exc)
         return [{"key": spec.name, "name": spec.name, "labels": {}, "error": str(exc)}]
+    if not fetched:
+        error = "the source has no such series"
+        return [{"key": spec.name, "name": spec.name, "labels": {}, "error": error}]
     counter = sources.is_counter(spec.query, spec.counter)
     return [
         review_values(

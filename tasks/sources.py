@@ -33,7 +33,8 @@ def fetch(
     settings: Settings,
     conn: Connection | None = None,
 ) -> list[Fetched]:
-    """The series `source` names over [start, end]."""
+    """The series `source` names over [start, end]; the check history is read on `conn`, or
+    in a transaction of its own."""
     if source.query is not None:
         if settings.prometheus_url is None:
             raise SourceError(
@@ -50,7 +51,12 @@ def fetch(
         )
     assert source.target is not None
     if conn is None:
-        raise SourceError("the check history needs a database connection")
+        # A short transaction of its own: a caller never holds one open while Prometheus
+        # answers, and needs none for the history either.
+        from workers.db import transaction
+
+        with transaction() as own:
+            return [Fetched(check_history(own, source.target, start, end))]
     return [Fetched(check_history(conn, source.target, start, end))]
 
 

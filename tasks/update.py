@@ -33,7 +33,7 @@ from pydantic import Field, field_validator
 from tasks import backups
 from tasks.backupstore import file_sha256
 from tasks.commands import CommandParams, CommandResult, execute
-from tasks.hotfix import SOURCE_MANUAL, TargetParams, installed_versions
+from tasks.hotfix import SOURCE_MANUAL, TargetParams, index_options, installed_versions
 from workers import dispatch
 from workers.config import (
     Config,
@@ -46,7 +46,6 @@ from workers.config import (
 from workers.db import Connection, transaction
 from workers.errors import ActionError
 from workers.runs import Outcome, StepContext, event
-from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -315,23 +314,13 @@ def install_requirements(params: TargetParams, context: StepContext) -> Outcome:
         return Outcome(ok=True, result={"skipped": "the target names no requirements file"})
     path = target.repository / target.requirements
     argv = [sys.executable, "-m", "pip", "--python", str(target.python), "install"]
-    argv += ["--no-input", "--disable-pip-version-check", *_index_options()]
+    argv += ["--no-input", "--disable-pip-version-check", *index_options()]
     done = execute(CommandParams(argv=[*argv, "--requirement", str(path)], timeout_s=PIP_TIMEOUT_S))
     result = done.model_dump()
     if not done.ok:
         return Outcome(ok=False, result=result, error=f"pip install failed: {_tail(done)}")
     result["versions"] = installed_versions(target.python)
     return Outcome(ok=True, result=result)
-
-
-def _index_options() -> list[str]:
-    index = get_settings().package_index_url
-    if index is None:
-        return []
-    local = index.removeprefix("file://")
-    if local != index or index.startswith("/"):
-        return ["--no-index", "--find-links", local]
-    return ["--index-url", index]
 
 
 def continue_update(params: ContinueParams, context: StepContext) -> Outcome:
