@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -20,7 +22,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +68,30 @@ LEASE_S = 120.0
 TASK_SOFT_LIMIT_S = 6 * 3600
 # Statuses of backups that verify_backups still has to verify.
 PENDING_STATUSES = ("unverified", "verification_failed")
+# Days a backup not yet verified, and newer than its target's newest verified one, is still
+# tried by verify_backups past verify_days, and kept by retention meanwhile.
+RETRY_DAYS = 7.0
+# Seconds after which a temporary directory of caretaker's naming whose process cannot be
+# told alive is removed: no task runs longer than its hard time limit.
+STALE_TEMP_S = TASK_SOFT_LIMIT_S + 3600
+# The scratch databases of verifications and drills: caretaker_verify_<backup id>_<hex>.
+SCRATCH_NAME = re.compile(r"^caretaker_verify_(\d+)_[0-9a-f]+$")
+# Temporary directories: caretaker-<purpose>-<host>-<pid>-<random>; older ones lack host-pid.
+TEMP_NAME = re.compile(r"^caretaker-(?:verify|backup|restore|drill)-(?:(.+)-(\d+)-)?[^-]+$")
+# pg_restore errors that come from the server or the connection, not from the archive.
+SERVER_TROUBLE = (
+    "connection to server",
+    "server closed the connection",
+    "terminating connection",
+    "could not connect",
+    "no space left on device",
+    "could not extend file",
+    "out of memory",
+    "the database system is",
+    "too many connections",
+    "canceling statement due to",
+    "could not write to file",
+)
 
 USER_TABLES = """
 SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -96,6 +122,26 @@ class CheckBroken(CaretakerError):
 
 class TargetBusy(CaretakerError):
     """Another process holds the target's lease."""
+
+
+class DsnError(CaretakerError):
+    """A target's DSN is missing or malformed; the message never quotes it."""
+
+
+def target_dsn(target: BackupDatabase) -> str:
+    """The target's DSN, parsed once up front; DsnError naming the target, never the DSN,
+    which may hold a password (libpq's own parse errors quote it)."""
+    try:
+        dsn = target.reveal()
+    except KeyError as exc:
+        raise DsnError(f"target {target.name}: {exc.args[0]}") from None
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise DsnError(
+            f"target {target.name}: the dsn is not a valid PostgreSQL connection string"
+        ) from None
+    return dsn
 
 
 @dataclass(frozen=True)
@@ -210,6 +256,8 @@ def create_backup(
         if isinstance(target, BackupDatabase):
             return backup_database(target, store, task_id)
         return backup_directory(target, store, task_id)
+    except DsnError as exc:
+        raise BackupFailed(f"backup of {target.name} failed: {exc}") from None
     except psycopg.OperationalError as exc:
         raise BackupFailed(f"cannot reach target {target.name}: {one_line(exc)}") from exc
     except StoreError as exc:
@@ -223,9 +271,10 @@ def backup_database(target: BackupDatabase, store: BackupStore, task_id: str | N
     upload the dump and its manifest; record the backup."""
     created_at = datetime.now(UTC)
     key = new_key(target.name, created_at, "dump")
-    with tempfile.TemporaryDirectory(prefix="caretaker-backup-") as tmp:
+    dsn = target_dsn(target)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("backup")) as tmp:
         dump = Path(tmp) / "backup.dump"
-        taken = dump_database(target.reveal(), dump)
+        taken = dump_database(dsn, dump)
         manifest = _manifest_head(target.name, "database", created_at, DUMP_FORMAT) | taken
         manifest["task_id"] = task_id
         return _upload(store, key, dump, manifest)
@@ -290,16 +339,79 @@ def _database_facts(conn: psycopg.Connection[Any]) -> dict[str, str]:
 
 def run_pg_tool(argv: list[str], dsn: str) -> subprocess.CompletedProcess[str]:
     """Run pg_dump or pg_restore, the connection given in the environment: argv is visible
-    to every user of the host, a process's environment only to its owner."""
-    return subprocess.run(
+    to every user of the host, a process's environment only to its owner. The tool runs in
+    a process group of its own, killed whole when this call ends by a timeout or an
+    exception (a soft time limit), so no tool outlives the task that waits for it."""
+    tool = subprocess.Popen(
         argv,
         env=pg_environment(dsn),
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=TOOL_TIMEOUT_S,
-        check=False,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = tool.communicate(timeout=TOOL_TIMEOUT_S)
+    finally:
+        _kill_group(tool)
+    return subprocess.CompletedProcess(argv, tool.returncode, stdout, stderr)
+
+
+def _kill_group(tool: subprocess.Popen[str]) -> None:
+    if tool.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(tool.pid, signal.SIGKILL)
+    tool.wait()
+
+
+def temp_prefix(purpose: str) -> str:
+    """The prefix of a temporary directory: its host and process tell a stale one apart."""
+    return f"caretaker-{purpose}-{_host_tag()}-{os.getpid()}-"
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", ".", socket.gethostname()) or "host"
+
+
+def remove_stale_temp_dirs(root: Path | None = None) -> list[str]:
+    """Remove caretaker's temporary directories left by processes that died (kill -9); return
+    their names. One of this host whose process is gone goes once older than a lease; any
+    other once older than STALE_TEMP_S."""
+    root = root or Path(tempfile.gettempdir())
+    removed = []
+    for entry in root.iterdir():
+        found = TEMP_NAME.match(entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        if _stale_temp(entry, found.group(1), found.group(2)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        log.warning("stale temporary directories removed names=%s", removed)
+    return removed
+
+
+def _stale_temp(path: Path, host: str | None, pid: str | None) -> bool:
+    try:
+        age_s = time.time() - path.stat().st_mtime
+    except OSError:
+        return False
+    ours = host is not None and host == _host_tag()
+    if ours and pid is not None:
+        return age_s > LEASE_S and not _alive(int(pid))
+    return age_s > STALE_TEMP_S
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def pg_environment(dsn: str) -> dict[str, str]:
@@ -336,7 +448,7 @@ def backup_directory(
         raise BackupFailed(f"backup of {target.name}: not a directory: {target.path}")
     created_at = datetime.now(UTC)
     key = new_key(target.name, created_at, ARCHIVE_FORMAT)
-    with tempfile.TemporaryDirectory(prefix="caretaker-backup-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("backup")) as tmp:
         archive = Path(tmp) / "backup.tar.gz"
         counted = write_archive(target.path, archive)
         manifest = _manifest_head(target.name, "directory", created_at, ARCHIVE_FORMAT)
@@ -417,10 +529,14 @@ class Dated(NamedTuple):
     status: str
 
 
-def select_expired(backups: Sequence[Dated], retention: RetentionConfig) -> set[int]:
+def select_expired(
+    backups: Sequence[Dated], retention: RetentionConfig, now: datetime | None = None
+) -> set[int]:
     """Ids of the backups retention removes. Kept: the newest backup of each of the last
-    `daily` days, `weekly` ISO weeks and `monthly` months that have one (UTC), and the newest
-    verified backup. An invalid backup never takes a place."""
+    `daily` days, `weekly` ISO weeks and `monthly` months that have one (UTC), the newest
+    verified backup, and every backup not yet verified (unverified, verification_failed)
+    that is newer than it and younger than RETRY_DAYS: verification still tries those, and
+    one may be the best there is. An invalid backup never takes a place."""
     newest_first = sorted(backups, key=lambda b: (b.created_at, b.id), reverse=True)
     candidates = [b for b in newest_first if b.status != "invalid"]
     periods = (
@@ -436,9 +552,22 @@ def select_expired(backups: Sequence[Dated], retention: RetentionConfig) -> set[
             if bucket not in seen and len(seen) < count:
                 seen.add(bucket)
                 kept.add(backup.id)
-    verified = [b.id for b in newest_first if b.status == "verified"]
-    kept.update(verified[:1])
+    verified = [b for b in newest_first if b.status == "verified"]
+    kept.update(b.id for b in verified[:1])
+    kept.update(b.id for b in _still_tried(newest_first, verified[:1], now or datetime.now(UTC)))
     return {b.id for b in backups} - kept
+
+
+def _still_tried(newest_first: list[Dated], verified: list[Dated], now: datetime) -> list[Dated]:
+    since = now.timestamp() - RETRY_DAYS * 86400
+    after = verified[0].created_at if verified else None
+    return [
+        b
+        for b in newest_first
+        if b.status in PENDING_STATUSES
+        and b.created_at.timestamp() >= since
+        and (after is None or b.created_at > after)
+    ]
 
 
 def apply_retention(target: str, store: BackupStore, retention: RetentionConfig) -> list[int]:
@@ -482,8 +611,8 @@ def verify_backup(backup_id: int, store: BackupStore, config: Config) -> Verdict
     target. Harmless twice: a verified backup is not restored again."""
     row = load_backup(backup_id)
     try:
-        with target_lease(row["target"], "verify"):
-            return _verify_leased(backup_id, store, config)
+        with target_lease(row["target"], "verify") as holder:
+            return _verify_leased(backup_id, store, config, holder)
     except TargetBusy as exc:
         log.info("verification refused backup_id=%s reason=%s", backup_id, exc)
         return Verdict(backup_id, row["target"], "busy", str(exc))
@@ -498,14 +627,14 @@ def load_backup(backup_id: int) -> Row:
     return row
 
 
-def _verify_leased(backup_id: int, store: BackupStore, config: Config) -> Verdict:
+def _verify_leased(backup_id: int, store: BackupStore, config: Config, holder: str) -> Verdict:
     # Read again under the lease: the holder before may have settled this backup.
     row = load_backup(backup_id)
     if row["status"] in ("verified", "deleted"):
         return Verdict(backup_id, row["target"], row["status"], row["reason"])
     started_at = datetime.now(UTC)
 
-    verdict = _check(row, store, config)
+    verdict = _check(row, store, config, holder)
 
     new_ids, notification_ids = _record(row, verdict, started_at, config)
     dispatch.try_send("routing", dispatch.route_occurrences, new_ids)
@@ -521,12 +650,13 @@ def _verify_leased(backup_id: int, store: BackupStore, config: Config) -> Verdic
     return verdict
 
 
-def _check(row: Row, store: BackupStore, config: Config) -> Verdict:
+def _check(row: Row, store: BackupStore, config: Config, holder: str) -> Verdict:
+    remove_stale_temp_dirs()
     try:
-        with tempfile.TemporaryDirectory(prefix="caretaker-verify-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("verify")) as tmp:
             path = fetch_backup(row, store, Path(tmp))
             if row["kind"] == "database":
-                details = verify_database(path, row, config)
+                details = verify_database(path, row, config, holder)
             else:
                 details = _verify_directory(path, row, Path(tmp) / "extracted")
     except BackupInvalid as exc:
@@ -562,16 +692,23 @@ def fetch_backup(row: Row, store: BackupStore, tmp: Path) -> Path:
     return path
 
 
-def verify_database(path: Path, row: Row, config: Config) -> dict[str, Any]:
+def verify_database(
+    path: Path, row: Row, config: Config, holder: str | None = None
+) -> dict[str, Any]:
     """Restore the dump into a scratch database, check it against the manifest and the
-    target's probes, and drop it whatever happened; the details, with the restore's time."""
+    target's probes, and drop it whatever happened; the details, with the restore's time.
+    Scratch databases dead holders left on the server are dropped first; `holder` is the
+    caller's lease of the backup's target."""
     check_dump_header(path)
     dsn = _server_dsn(row, config)
     admin = make_conninfo(dsn, dbname="postgres")
+    drop_stale_scratch(admin, holder)
     scratch = f"caretaker_verify_{row['id']}_{secrets.token_hex(4)}"
     started = time.monotonic()
+    created = False
     try:
         create_database(admin, scratch, row["manifest"].get("database") or {})
+        created = True
         _restore(path, dsn, scratch)
         restore_s = time.monotonic() - started
         with psycopg.connect(
@@ -582,7 +719,8 @@ def verify_database(path: Path, row: Row, config: Config) -> dict[str, Any]:
             probes = _probes(row["target"], config)
             run_probes(conn, probes)
     finally:
-        _drop_scratch(admin, scratch)
+        if created:
+            _drop_scratch(admin, scratch)
     return {
         "scratch": scratch,
         "restore_s": round(restore_s, 3),
@@ -607,7 +745,10 @@ def _server_dsn(row: Row, config: Config) -> str:
     came from, reached as it was then (~/.pgpass or PGPASSWORD give any password)."""
     for target in config.backups.databases:
         if target.name == row["target"]:
-            return target.reveal()
+            try:
+                return target_dsn(target)
+            except DsnError as exc:
+                raise CheckBroken(str(exc)) from None
     source = row["manifest"].get("source") or {}
     return make_conninfo(
         "", **{k: source[k] for k in ("host", "port", "user", "dbname") if source.get(k)}
@@ -645,6 +786,9 @@ def _restore(path: Path, dsn: str, scratch: str) -> None:
     error = trimmed(done.stderr)
     if "connection to server" in error:
         raise CheckBroken(f"server unreachable: {error}")
+    # The server failing (disk full, out of memory, a restart) says nothing of the archive.
+    if any(trouble in error.lower() for trouble in SERVER_TROUBLE):
+        raise CheckBroken(f"pg_restore failed on the server: {error}")
     raise BackupInvalid(f"pg_restore failed: {error}")
 
 
@@ -661,7 +805,8 @@ def compare_counts(expected: dict[str, int], restored: dict[str, int]) -> None:
 
 
 def run_probes(conn: psycopg.Connection[Any], probes: list[str]) -> None:
-    """Each probe must return one row whose first column is true."""
+    """Each probe must return one row whose first column is true: BackupInvalid when one
+    returns anything else, CheckBroken when one cannot run at all."""
     conn.execute(sql.SQL("SET statement_timeout = {}").format(PROBE_TIMEOUT_MS))
     for probe in probes:
         try:
@@ -669,11 +814,49 @@ def run_probes(conn: psycopg.Connection[Any], probes: list[str]) -> None:
         except psycopg.Error as exc:
             if conn.broken:
                 raise
-            raise BackupInvalid(f"probe failed: {probe}: {one_line(exc)}") from exc
+            # The row counts were compared first, so every table the backup should hold is
+            # there: a syntax error, a missing table or a timeout is the probe's own fault.
+            raise CheckBroken(f"probe could not run: {probe}: {one_line(exc)}") from exc
         if len(rows) != 1:
             raise BackupInvalid(f"probe failed: {probe}: returned {len(rows) or 'no'} rows")
         if rows[0][0] is not True:
             raise BackupInvalid(f"probe failed: {probe}: returned {rows[0][0]!r}")
+
+
+def drop_stale_scratch(admin: str, holder: str | None) -> list[str]:
+    """Drop the scratch databases on the server whose target's lease nobody else holds: a
+    verification or drill killed (kill -9) before it could drop its own left them. Their
+    restore, if still running, ends with its connection. Returns the names dropped."""
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            rows = conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'caretaker\\_verify\\_%'"
+            ).fetchall()
+            stale = [row[0] for row in rows if _scratch_is_stale(row[0], holder)]
+            for name in stale:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+    except psycopg.OperationalError as exc:
+        raise CheckBroken(f"server unreachable: {one_line(exc)}") from exc
+    if stale:
+        log.warning("stale scratch databases dropped names=%s", stale)
+    return stale
+
+
+def _scratch_is_stale(name: str, holder: str | None) -> bool:
+    # The lease is read after the name: a verification takes its lease before it creates its
+    # scratch database, so a live one's lease is always seen.
+    found = SCRATCH_NAME.match(name)
+    if found is None:
+        return False
+    with transaction() as conn:
+        lease = conn.execute(
+            "SELECT l.holder FROM backups b JOIN target_leases l ON l.target = b.target"
+            " WHERE b.id = %s AND l.expires_at > now()",
+            (int(found.group(1)),),
+        ).fetchone()
+    return lease is None or lease["holder"] == holder
 
 
 def _drop_scratch(admin: str, name: str) -> None:
@@ -783,17 +966,30 @@ def _settle_finding(
 
 
 def pending_backups(days: float, target: str | None = None) -> list[int]:
-    """Ids of the backups of the last `days` not yet verified, oldest first."""
+    """Ids of the backups not yet verified (unverified, verification_failed) to verify, oldest
+    first: those of the last `days`, and those of the last RETRY_DAYS newer than their
+    target's newest verified backup. A backup a run could not check (busy, broken) is so
+    tried again by the next run even once older than `days`."""
     with transaction() as conn:
         rows = conn.execute(
             """
-            SELECT id FROM backups
-             WHERE created_at >= now() - make_interval(secs => %(seconds)s)
-               AND status = ANY(%(statuses)s)
-               AND (%(target)s::text IS NULL OR target = %(target)s)
-             ORDER BY created_at, id
+            SELECT b.id FROM backups b
+             WHERE b.status = ANY(%(statuses)s)
+               AND (%(target)s::text IS NULL OR b.target = %(target)s)
+               AND (b.created_at >= now() - make_interval(secs => %(seconds)s)
+                    OR (b.created_at >= now() - make_interval(secs => %(retry_s)s)
+                        AND NOT EXISTS (
+                            SELECT 1 FROM backups v
+                             WHERE v.target = b.target AND v.status = 'verified'
+                               AND v.created_at >= b.created_at)))
+             ORDER BY b.created_at, b.id
             """,
-            {"seconds": days * 86400, "statuses": list(PENDING_STATUSES), "target": target},
+            {
+                "seconds": days * 86400,
+                "retry_s": max(days, RETRY_DAYS) * 86400,
+                "statuses": list(PENDING_STATUSES),
+                "target": target,
+            },
         ).fetchall()
     return [row["id"] for row in rows]
 
@@ -821,6 +1017,7 @@ def create_backups(self: Any) -> dict[str, Any]:
     outcome: dict[str, Any] = {}
     for target in _targets(config):
         outcome[target.name] = _create_one(target, store, self.request.id)
+        _settle_failure(target.name, outcome[target.name], config)
         outcome[target.name]["deleted"] = _retain(target.name, store, config.backups.retention)
     return outcome
 
@@ -847,6 +1044,28 @@ def _create_one(
         log.error("backup failed target=%s error=%s", target.name, one_line(exc))
         return {"status": "failed", "error": one_line(exc)}
     return {"status": "created", "backup_id": row["id"], "key": row["key"]}
+
+
+def _settle_failure(target: str, outcome: dict[str, Any], config: Config) -> None:
+    """A failed backup opens the target's backup-failed finding; the next one made ends it."""
+    if outcome["status"] == "busy":
+        return
+    key = f"backup-failed:{target}"
+    new_ids: list[int] = []
+    try:
+        with transaction() as conn:
+            if outcome["status"] != "failed":
+                notes = findings.clear_finding(conn, key, f"backup of {target} made", config)
+            else:
+                labels = {"alertname": "BackupFailed", "target": target, "severity": "critical"}
+                summary = f"the backup of {target} failed: {outcome['error']}"
+                new_id = findings.raise_finding(conn, key, labels, summary)
+                new_ids, notes = ([new_id] if new_id is not None else []), []
+    except (CaretakerError, psycopg.Error) as exc:
+        log.warning("backup finding not settled target=%s error=%s", target, one_line(exc))
+        return
+    dispatch.try_send("routing", dispatch.route_occurrences, new_ids)
+    dispatch.try_send("notifications", dispatch.send_notifications, notes)
 
 
 def _made_by(target: str, task_id: str | None) -> int | None:
@@ -890,9 +1109,23 @@ def verify_backups(days: float | None = None) -> dict[str, Any]:
 def verify_now(days: float | None = None, target: str | None = None) -> list[Verdict]:
     """Verify the pending backups, in this process, with the process's configuration."""
     config = get_config()
+    if target is not None:
+        _known_target(target, config)
     store = open_store(config.backups.store)
     ids = pending_backups(config.backups.verify_days if days is None else days, target)
     return [verify_backup(backup_id, store, config) for backup_id in ids]
+
+
+def _known_target(target: str, config: Config) -> None:
+    # An ad hoc target is in no configuration, but it has backups.
+    if any(t.name == target for t in _targets(config)):
+        return
+    with transaction() as conn:
+        found = conn.execute("SELECT 1 FROM backups WHERE target = %s LIMIT 1", (target,))
+        if found.fetchone() is not None:
+            return
+    known = ", ".join(sorted(t.name for t in _targets(config))) or "none"
+    raise NotFound(f"no backup target named {target!r} (configured: {known})")
 
 
 def create_now(target_name: str | None = None, dsn: str | None = None) -> Row:

@@ -30,6 +30,8 @@ from tasks.backups import (
     TASK_SOFT_LIMIT_S,
     TOOL_TIMEOUT_S,
     BackupInvalid,
+    CheckBroken,
+    DsnError,
     TargetBusy,
     check_dump_header,
     compare_counts,
@@ -41,9 +43,12 @@ from tasks.backups import (
     load_backup,
     one_line,
     open_store,
+    remove_stale_temp_dirs,
     run_pg_tool,
     run_probes,
+    target_dsn,
     target_lease,
+    temp_prefix,
     trimmed,
     verify_database,
 )
@@ -159,12 +164,16 @@ def dr_runbook(target: BackupDatabase | BackupDirectory, backup_id: int | None) 
     the rollback that puts the original back."""
     named = {"target": target.name, "stamp": new_stamp()}
     dependants = target.dependants
-    steps = [_command(f"stop-{n}", argv) for n, argv in enumerate(dependants.stop, 1)]
-    steps += [
+    # The copy is restored and checked beside the live target before the dependants stop:
+    # a busy lease, a bad DSN or a bad backup then fail the run while they still serve, and
+    # they are down only for the swap. The copy is made from the backup, so what they write
+    # meanwhile changes nothing in it.
+    steps = [
         _builtin(RESTORE_STEP, "restore_copy", named | {"backup_id": backup_id}, TOOL_TIMEOUT_S),
         _builtin("verify-copy", "verify_copy", named, CHECK_TIMEOUT_S),
-        _builtin(SWAP_STEP, "swap_in", named, 300.0),
     ]
+    steps += [_command(f"stop-{n}", argv) for n, argv in enumerate(dependants.stop, 1)]
+    steps += [_builtin(SWAP_STEP, "swap_in", named, 300.0)]
     steps += [_command(f"start-{n}", argv) for n, argv in enumerate(dependants.start, 1)]
     rollback = [_builtin("swap-back", "swap_back", named, 300.0)]
     rollback += [_command(f"start-again-{n}", argv) for n, argv in enumerate(dependants.start, 1)]
@@ -216,17 +225,18 @@ def planned_restore(config: Config, labels: dict[str, str]) -> RunbookConfig:
 # Asking for a restore
 
 
-def pick_backup(conn: Connection, target: str, backup_id: int | None) -> Row:
+def pick_backup(conn: Connection, target: str, backup_id: int | None, store: str) -> Row:
     """The backup a restore of the target uses: the one asked for, which must be the
-    target's and neither invalid nor deleted, or else the target's latest verified one."""
+    target's, in the configured store (`store`, as described) and neither invalid nor
+    deleted, or else the target's latest verified one in that store."""
     if backup_id is None:
         row = conn.execute(
-            "SELECT * FROM backups WHERE target = %s AND status = 'verified'"
+            "SELECT * FROM backups WHERE target = %s AND status = 'verified' AND store = %s"
             " ORDER BY created_at DESC, id DESC LIMIT 1",
-            (target,),
+            (target, store),
         ).fetchone()
         if row is None:
-            raise NotFound(f"no verified backup of target {target}")
+            raise NotFound(f"no verified backup of target {target} in {store}")
         return row
     row = conn.execute("SELECT * FROM backups WHERE id = %s", (backup_id,)).fetchone()
     if row is None:
@@ -236,16 +246,27 @@ def pick_backup(conn: Connection, target: str, backup_id: int | None) -> Row:
     if row["status"] in ("invalid", "deleted"):
         because = f": {row['reason']}" if row["reason"] else ""
         raise Conflict(f"backup {backup_id} of {target} is {row['status']}{because}")
+    if row["store"] != store:
+        raise Conflict(f"backup {backup_id} is in {row['store']}, not in {store}")
     return row
+
+
+def configured_store(config: Config) -> str:
+    """The description of the configured store, as recorded with each backup in it."""
+    return open_store(config.backups.store).describe()
 
 
 def request_restore(conn: Connection, target: str, backup_id: int | None, person: str) -> int:
     """Record a restore asked for by a person as an occurrence to route; return its id. The
-    target, the backup, and that no other restore of the target is under way are checked
-    before anything is recorded."""
-    backup_target(target, get_config())
-    row = pick_backup(conn, target, backup_id)
+    target, its DSN, the backup, that no other restore of the target is under way and that
+    nobody holds its lease are checked before anything is recorded."""
+    config = get_config()
+    configured = backup_target(target, config)
+    if isinstance(configured, BackupDatabase):
+        _dsn(configured)
+    row = pick_backup(conn, target, backup_id, configured_store(config))
     _refuse_second_restore(conn, target)
+    _refuse_leased(conn, target)
     labels = {
         "alertname": RESTORE_ALERT,
         "target": target,
@@ -303,6 +324,21 @@ def _refuse_second_restore(conn: Connection, target: str) -> None:
         raise Conflict(f"a restore of {target} is already under way: {busy['what']}")
 
 
+def _refuse_leased(conn: Connection, target: str) -> None:
+    # The run checks again (restore-copy takes the lease); this only spares a run bound to
+    # fail, such as one asked for while the nightly verification restores the target.
+    held = conn.execute(
+        "SELECT holder, purpose, expires_at FROM target_leases"
+        " WHERE target = %s AND expires_at > now()",
+        (target,),
+    ).fetchone()
+    if held is not None:
+        raise Conflict(
+            f"target {target} is busy: {held['purpose']} by {held['holder']}"
+            f" until {held['expires_at']}"
+        )
+
+
 # The run's actions
 
 
@@ -312,15 +348,17 @@ def restore_copy(params: CopyParams, context: StepContext) -> Outcome:
     first. Holds the target's lease."""
     config = get_config()
     target = backup_target(params.target, config)
-    with transaction() as conn:
-        row = pick_backup(conn, target.name, params.backup_id)
+    if isinstance(target, BackupDatabase):
+        _dsn(target)
     store = open_store(config.backups.store)
+    with transaction() as conn:
+        row = pick_backup(conn, target.name, params.backup_id, store.describe())
 
     started = time.monotonic()
     with target_lease(target.name, "restore"):
         with _opened(target, params.stamp) as (place, names):
             place.remove(names.copy)
-        with tempfile.TemporaryDirectory(prefix="caretaker-restore-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("restore")) as tmp:
             path = fetch_backup(row, store, Path(tmp))
             if isinstance(target, BackupDirectory):
                 Path(names.copy).mkdir()
@@ -372,6 +410,8 @@ def verify_copy(params: CopiedParams, context: StepContext) -> Outcome:
     except BackupInvalid as exc:
         error = f"the copy differs from backup {row['id']}: {exc.reason}"
         return Outcome(ok=False, result=result | exc.details, error=error)
+    except CheckBroken as exc:
+        return Outcome(ok=False, result=result, error=f"cannot check {copied['copy']}: {exc}")
     return Outcome(ok=True, result=result)
 
 
@@ -431,30 +471,48 @@ def swap_in(params: CopiedParams, context: StepContext) -> Outcome:
 
 def swap_back(params: StampParams, context: StepContext) -> Outcome:
     """Undo the restore: once the copy was swapped in, the original goes back to the live
-    name and the restored one is kept under its `failed` name; before that, a copy is
-    removed. Decided by what exists, so it is right whichever step failed, and harmless
-    twice. Takes no lease: a rollback must not wait behind a verification."""
+    name and the restored one is kept under its `failed` name; when there was no original
+    (a real disaster), the restored copy stays live, there being nothing better. Before the
+    swap, a copy is removed. Decided by what exists, so it is right whichever step failed,
+    and harmless twice. Takes no lease: a rollback must not wait behind a verification."""
     target = backup_target(params.target, get_config())
     swapped = context.earlier.get(SWAP_STEP)
 
-    with _opened(target, params.stamp) as (place, names):
+    try:
+        result = _undo(target, params.stamp, swapped)
+    except (ActionError, DsnError, psycopg.Error) as exc:
+        if swapped is not None:
+            raise
+        # Before the swap the live target was never touched: failing here would leave the
+        # dependants stopped (the rollback ends at a failed step) for a copy left beside.
+        log.error("restore copy not removed target=%s error=%s", target.name, one_line(exc))
+        result = {"nothing": "the live target was not touched", "error": one_line(exc)}
+        return Outcome(ok=True, result=result)
+
+    log.warning("restore undone target=%s result=%s", target.name, result)
+    return Outcome(ok=True, result=result)
+
+
+def _undo(
+    target: BackupDatabase | BackupDirectory, stamp: str, swapped: dict[str, Any] | None
+) -> dict[str, Any]:
+    with _opened(target, stamp) as (place, names):
         present = place.present(names)
         if names.before in present:
             aside = [(names.live, names.failed)] if names.live in present else []
             place.rename([*aside, (names.before, names.live)])
-            result = {"live": names.live, "failed": names.failed if aside else None}
-        elif swapped is not None and swapped.get("before") is None and names.live in present:
-            # There was no live target before the restore: none is put back.
-            place.rename([(names.live, names.failed)])
-            result = {"live": None, "failed": names.failed}
-        elif names.copy in present:
+            return {"live": names.live, "failed": names.failed if aside else None}
+        if swapped is not None and swapped.get("before") is None and names.live in present:
+            # There was no live target before the restore: putting the restored one aside
+            # would leave none at all, so it stays live for a person to judge.
+            return {
+                "live": names.live,
+                "kept": "the restored copy stays live: there was none before the restore",
+            }
+        if names.copy in present:
             place.remove(names.copy)
-            result = {"removed": names.copy}
-        else:
-            result = {"nothing": "no restored copy to undo"}
-
-    log.warning("restore undone target=%s result=%s", target.name, result)
-    return Outcome(ok=True, result=result)
+            return {"removed": names.copy}
+        return {"nothing": "no restored copy to undo"}
 
 
 class _Place(Protocol):
@@ -548,9 +606,9 @@ def _opened(target: BackupDatabase | BackupDirectory, stamp: str) -> Iterator[tu
 
 def _dsn(target: BackupDatabase) -> str:
     try:
-        return target.reveal()
-    except KeyError as exc:
-        raise ActionError(f"target {target.name}: {exc.args[0]}") from None
+        return target_dsn(target)
+    except DsnError as exc:
+        raise ActionError(str(exc)) from None
 
 
 # The monthly drill
@@ -604,11 +662,11 @@ def drill_target(
     holds the target, and then nothing is recorded."""
     started_at = datetime.now(UTC)
     try:
-        with target_lease(target.name, "drill"):
+        with target_lease(target.name, "drill") as holder:
             done = _drilled_by(target.name, task_id)
             if done is not None:
                 return {"status": "done before", "drill_id": done}
-            drill = _drill(target, store, config, started_at)
+            drill = _drill(target, store, config, started_at, holder)
             drill_id = _record_drill(target, drill, started_at, task_id)
     except TargetBusy as exc:
         log.warning("drill skipped target=%s reason=%s", target.name, exc)
@@ -625,22 +683,27 @@ def drill_target(
 
 
 def _drill(
-    target: BackupDatabase, store: BackupStore, config: Config, started_at: datetime
+    target: BackupDatabase,
+    store: BackupStore,
+    config: Config,
+    started_at: datetime,
+    holder: str,
 ) -> Drill:
     with transaction() as conn:
         try:
-            row = pick_backup(conn, target.name, None)
+            row = pick_backup(conn, target.name, None, store.describe())
         except NotFound as exc:
             return Drill("failed", reason=str(exc))
     backup_age_s = round((started_at - row["created_at"]).total_seconds(), 3)
     failed = Drill("failed", row["id"], backup_age_s=backup_age_s)
 
     started = time.monotonic()
+    remove_stale_temp_dirs()
     try:
-        with tempfile.TemporaryDirectory(prefix="caretaker-drill-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("drill")) as tmp:
             path = fetch_backup(row, store, Path(tmp))
             fetch_s = time.monotonic() - started
-            checked = verify_database(path, row, config)
+            checked = verify_database(path, row, config, holder)
     except BackupInvalid as exc:
         return replace(failed, reason=exc.reason, details=exc.details)
     except SoftTimeLimitExceeded:

@@ -359,15 +359,15 @@ def test_retention_deletes_from_the_store(db: Conn, store: LocalStore, tmp_path:
             "UPDATE backups SET created_at = now() - make_interval(days => %s) WHERE id = %s",
             (days, backup_id),
         )
-    db.execute("UPDATE backups SET status = 'verified' WHERE id = %s", (made[0]["id"],))
+    db.execute("UPDATE backups SET status = 'verified' WHERE id = %s", (made[1]["id"],))
 
     deleted = apply_retention("files", store, RetentionConfig(daily=1, weekly=0, monthly=0))
 
-    assert deleted == [made[1]["id"]]
-    assert status_of(db, made[1]["id"])[0] == "deleted"
-    assert store.stat(made[1]["key"]) is None
-    assert store.stat(f"{made[1]['key']}.manifest.json") is None
-    for kept in (made[0], made[2]):
+    assert deleted == [made[0]["id"]]
+    assert status_of(db, made[0]["id"])[0] == "deleted"
+    assert store.stat(made[0]["key"]) is None
+    assert store.stat(f"{made[0]['key']}.manifest.json") is None
+    for kept in (made[1], made[2]):
         assert store.stat(kept["key"]) is not None
         assert status_of(db, kept["id"])[0] != "deleted"
 
@@ -594,13 +594,13 @@ def test_credentials_reach_the_tools_only_through_the_environment(
     monkeypatch.setenv("SHOP_DSN", f"postgresql://postgres:hunter2@127.0.0.1:5432/{SOURCE_NAME}")
     target = BackupDatabase(name="shop", dsn_env="SHOP_DSN", probes=[PROBE])
     calls: list[tuple[list[str], dict[str, str]]] = []
-    run = subprocess.run
+    popen = subprocess.Popen
 
     def spy(argv: list[str], **options: Any) -> Any:
         calls.append((argv, options.get("env") or {}))
-        return run(argv, **options)
+        return popen(argv, **options)
 
-    monkeypatch.setattr(subprocess, "run", spy)
+    monkeypatch.setattr(subprocess, "Popen", spy)
     caplog.set_level(logging.DEBUG)
 
     row = backup_database(target, store)
@@ -668,3 +668,198 @@ def test_cli_create_list_verify(
     assert lines[1] == f"backup {listed[0]['id']} {adhoc_name}: verified"
     assert lines[-1] == "Error: 1 of 2 backups invalid or not verified"
     assert scratch_left() == []
+
+
+BAD_DSN = f"postgresql://postgres:Pa%zzword@127.0.0.1:5432/{SOURCE_NAME}"
+BAD_DSN_ERROR = "target shop: the dsn is not a valid PostgreSQL connection string"
+
+
+def test_a_malformed_dsn_fails_every_path_in_one_line_without_its_password(
+    db: Conn,
+    source: str,
+    store: LocalStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    row = backup_database(shop(), store)
+    monkeypatch.setenv("SHOP_DSN", BAD_DSN)
+    bad = BackupDatabase(name="shop", dsn_env="SHOP_DSN", probes=[PROBE])
+    config = config_of(bad, store=BackupStoreConfig(path=store.root))
+    monkeypatch.setattr(backups, "get_config", lambda: config)
+    caplog.set_level(logging.DEBUG)
+
+    created = CliRunner().invoke(cli, ["backups", "create", "--target", "shop"])
+    task = backups.create_backups()
+    verdict = verify_backup(row["id"], store, config)
+
+    assert created.exit_code == 1
+    assert created.output == f"Error: backup of shop failed: {BAD_DSN_ERROR}\n"
+    assert task["shop"]["status"] == "failed"
+    assert task["shop"]["error"] == f"backup of shop failed: {BAD_DSN_ERROR}"
+    assert (verdict.status, verdict.reason) == ("verification_failed", BAD_DSN_ERROR)
+    assert status_of(db, row["id"]) == ("verification_failed", BAD_DSN_ERROR)
+    assert checks_of(db, row["id"]) == [("verification_failed", BAD_DSN_ERROR)]
+    summaries = db.execute("SELECT annotations::text AS a FROM occurrences").fetchall()
+    seen = [created.output, json.dumps(task), caplog.text, *[s["a"] for s in summaries]]
+    assert not any("zzword" in text for text in seen)
+
+
+def test_a_probe_that_cannot_run_fails_the_check_and_retention_keeps_the_backup(
+    db: Conn, source: str, store: LocalStore
+) -> None:
+    typo = "SELEC count(*) = 3 FROM public.customers"
+    probes = (PROBE, typo, "SELECT count(*) > 0 FROM public.nowhere")
+    rows = [backup_database(shop(), store) for _ in range(2)]
+
+    verdicts = [verify_backup(r["id"], store, config_of(shop(probes=probes))) for r in rows]
+    deleted = apply_retention("shop", store, RetentionConfig(daily=1, weekly=0, monthly=0))
+
+    for verdict in verdicts:
+        assert verdict.status == "verification_failed"
+        assert verdict.reason is not None
+        assert verdict.reason.startswith(f"probe could not run: {typo}: syntax error")
+    # Both were made today: only the newest takes the one daily place, yet neither is
+    # deleted while it is newer than any verified backup and verification still tries it.
+    assert deleted == []
+    assert [status_of(db, r["id"])[0] for r in rows] == ["verification_failed"] * 2
+    assert scratch_left() == []
+
+
+def test_server_side_failures_of_pg_restore_fail_the_check(
+    db: Conn, source: str, store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row = backup_database(shop(), store)
+    stderr = (
+        'pg_restore: error: could not execute query: ERROR: could not extend file "base/1/2":'
+        " No space left on device"
+    )
+
+    def full_disk(argv: list[str], dsn: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 1, "", stderr)
+
+    monkeypatch.setattr(backups, "run_pg_tool", full_disk)
+
+    verdict = verify_backup(row["id"], store, config_of(shop()))
+
+    assert (verdict.status, verdict.reason) == (
+        "verification_failed",
+        f"pg_restore failed on the server: {stderr}",
+    )
+    assert scratch_left() == []
+
+
+def test_retention_keeps_backups_verification_still_tries() -> None:
+    now = at("2026-03-20T12:00")
+    found = [
+        Dated(1, at("2026-03-01T12:00"), "verified"),
+        Dated(2, at("2026-03-10T12:00"), "unverified"),  # older than RETRY_DAYS
+        Dated(3, at("2026-03-15T12:00"), "verification_failed"),
+        Dated(4, at("2026-03-18T12:00"), "unverified"),
+        Dated(5, at("2026-03-19T12:00"), "invalid"),
+        Dated(6, at("2026-03-20T01:00"), "unverified"),
+    ]
+    expired = select_expired(found, RetentionConfig(daily=1, weekly=0, monthly=0), now)
+    assert expired == {2, 5}
+    # Once a newer backup is verified, the older ones take their places as any other.
+    found.append(Dated(7, at("2026-03-20T11:00"), "verified"))
+    expired = select_expired(found, RetentionConfig(daily=1, weekly=0, monthly=0), now)
+    assert expired == {1, 2, 3, 4, 5, 6}
+
+
+def make_database(name: str) -> None:
+    with psycopg.connect(f"{PG_HOST}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+
+
+def test_a_verification_first_removes_what_dead_ones_left(
+    db: Conn, source: str, store: LocalStore, tmp_path: Path
+) -> None:
+    row = backup_database(shop(), store)
+    other = backup_directory(BackupDirectory(name="files", path=tmp_path), store)
+    stale, leased = "caretaker_verify_999_deadbeef", f"caretaker_verify_{other['id']}_cafe"
+    temp = Path(tempfile.gettempdir())
+    host = backups.temp_prefix("verify").split("-")[2]
+    dead = temp / f"caretaker-verify-{host}-999999999-{uuid.uuid4().hex[:8]}"
+    old = temp / f"caretaker-restore-{uuid.uuid4().hex[:8]}"
+    alive = temp / f"caretaker-backup-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fresh = temp / f"caretaker-drill-{uuid.uuid4().hex[:8]}"
+    for path, age_s in ((dead, 600), (old, backups.STALE_TEMP_S + 60), (alive, 600), (fresh, 60)):
+        (path / "sub").mkdir(parents=True)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+    make_database(stale)
+    make_database(leased)
+    try:
+        with target_lease("files", "verify"):
+            verdict = verify_backup(row["id"], store, config_of(shop()))
+            left = scratch_left()
+        gone = [p.name for p in (dead, old, alive, fresh) if not p.exists()]
+    finally:
+        for path in (dead, old, alive, fresh):
+            subprocess.run(["rm", "-rf", str(path)], check=True)
+        with psycopg.connect(f"{PG_HOST}/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {leased} WITH (FORCE)")
+            conn.execute(f"DROP DATABASE IF EXISTS {stale} WITH (FORCE)")
+
+    assert verdict.status == "verified"
+    assert left == [leased]
+    assert gone == [dead.name, old.name]
+
+
+def test_a_backup_not_checked_in_time_is_tried_again_past_verify_days(
+    db: Conn, source: str, store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_of(shop(), store=BackupStoreConfig(path=store.root), verify_days=1.0)
+    monkeypatch.setattr(backups, "get_config", lambda: config)
+    ancient, verified, missed, failed = (backup_database(shop(), store) for _ in range(4))
+    db.execute("UPDATE backups SET status = 'verified' WHERE id = %s", (verified["id"],))
+    db.execute("UPDATE backups SET status = 'verification_failed' WHERE id = %s", (failed["id"],))
+    # Made the night before, checked (or found busy) at backup hour + 2, seen now at 26 h.
+    for row, age_h in ((ancient, 50), (verified, 40), (missed, 26), (failed, 26)):
+        db.execute(
+            "UPDATE backups SET created_at = now() - make_interval(hours => %s) WHERE id = %s",
+            (age_h, row["id"]),
+        )
+
+    verdicts = backups.verify_now()
+
+    # The one older than the newest verified backup is left: a newer one is known good.
+    assert [(v.backup_id, v.status) for v in verdicts] == [
+        (missed["id"], "verified"),
+        (failed["id"], "verified"),
+    ]
+
+
+def test_a_failed_backup_raises_a_finding_the_next_one_ends(
+    db: Conn, source: str, store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = BackupDatabase(name="shop", dsn_env="CARETAKER_TEST_SHOP_DSN", probes=[PROBE])
+    config = config_of(target, store=BackupStoreConfig(path=store.root))
+    monkeypatch.setattr(backups, "get_config", lambda: config)
+    monkeypatch.delenv("CARETAKER_TEST_SHOP_DSN", raising=False)
+    query = "SELECT fingerprint, status, labels, annotations FROM occurrences"
+
+    failed = backups.create_backups()
+    raised = db.execute(query).fetchall()
+    monkeypatch.setenv("CARETAKER_TEST_SHOP_DSN", SOURCE_DSN)
+    made = backups.create_backups()
+    ended = db.execute(query).fetchall()
+
+    assert failed["shop"]["status"] == "failed" and made["shop"]["status"] == "created"
+    [finding] = raised
+    assert (finding["fingerprint"], finding["status"]) == ("backup-failed:shop", "firing")
+    assert finding["labels"] == {
+        "alertname": "BackupFailed",
+        "target": "shop",
+        "severity": "critical",
+    }
+    assert finding["annotations"]["summary"].startswith("the backup of shop failed: ")
+    assert [(f["fingerprint"], f["status"]) for f in ended] == [("backup-failed:shop", "resolved")]
+
+
+def test_verify_refuses_an_unknown_target(db: Conn, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backups, "get_config", lambda: config_of(shop()))
+
+    done = CliRunner().invoke(cli, ["backups", "verify", "--target", "nope"])
+
+    assert done.exit_code == 1
+    assert done.output == "Error: no backup target named 'nope' (configured: shop)\n"

@@ -35,7 +35,7 @@ from tests.conftest import PG_HOST, ROOT, STATE_DIR, TEST_ENV, celery_worker, fr
 from workers.cli import cli
 from workers.config import Config, parse_config
 from workers.db import transaction
-from workers.errors import Conflict
+from workers.errors import ActionError, Conflict
 from workers.runs import StepContext
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -243,9 +243,9 @@ def test_a_broken_database_is_restored_by_a_run_on_a_real_worker(
     assert run["status"] == "recovered"
     assert run["runbook"] == "restore:shop"
     assert [(name, status) for name, (status, _) in steps.items()] == [
-        ("stop-1", "succeeded"),
         ("restore-copy", "succeeded"),
         ("verify-copy", "succeeded"),
+        ("stop-1", "succeeded"),
         ("swap-in", "succeeded"),
         ("start-1", "succeeded"),
         ("health", "succeeded"),
@@ -287,9 +287,9 @@ def test_a_restore_whose_health_check_fails_puts_the_original_back_and_escalates
     steps = steps_of(db)
     assert run["status"] == "escalated"
     assert [(name, status) for name, (status, _) in steps.items()] == [
-        ("stop-1", "succeeded"),
         ("restore-copy", "succeeded"),
         ("verify-copy", "succeeded"),
+        ("stop-1", "succeeded"),
         ("swap-in", "succeeded"),
         ("start-1", "succeeded"),
         ("health", "failed"),
@@ -414,9 +414,9 @@ def test_the_runbook_follows_the_dependants_and_plan_gives_it_to_a_manual_reques
     assert first is not None and first.kind == "recover"
     rows = db.execute("SELECT name, action, params, spec FROM steps ORDER BY position").fetchall()
     assert [row["name"] for row in rows] == [
-        "stop-1",
         "restore-copy",
         "verify-copy",
+        "stop-1",
         "swap-in",
         "start-1",
         "health",
@@ -424,10 +424,10 @@ def test_the_runbook_follows_the_dependants_and_plan_gives_it_to_a_manual_reques
         "start-again-1",
         "health-after-rollback",
     ]
-    assert rows[1]["action"] == "restore_copy"
-    assert rows[1]["params"]["backup_id"] == backup["id"]
+    assert rows[0]["action"] == "restore_copy"
+    assert rows[0]["params"]["backup_id"] == backup["id"]
     assert {row["params"]["stamp"] for row in rows if "stamp" in row["params"]} == {
-        rows[1]["params"]["stamp"]
+        rows[0]["params"]["stamp"]
     }
     assert all(row["spec"]["idempotent"] for row in rows if row["action"] != "run_command")
     assert [row["spec"]["phase"] for row in rows].count("rollback") == 3
@@ -457,7 +457,7 @@ def test_a_second_restore_of_a_target_is_refused_while_one_is_pending(
         ),
         (["--target", "shop", "--backup", "999"], "no backup with id 999"),
         (["--target", "shop", "--backup", "{invalid}"], "backup {invalid} of shop is invalid: bad"),
-        (["--target", "shop"], "no verified backup of target shop"),
+        (["--target", "shop"], f"no verified backup of target shop in local directory {STORE_DIR}"),
     ],
 )
 def test_the_cli_refuses_what_it_cannot_restore_and_records_nothing(
@@ -564,7 +564,7 @@ def test_a_drill_without_a_verified_backup_fails(
     assert (row["status"], row["backup_id"], row["reason"], row["restore_s"]) == (
         "failed",
         None,
-        "no verified backup of target shop",
+        f"no verified backup of target shop in local directory {STORE_DIR}",
         None,
     )
     assert databases() == [LIVE]
@@ -581,3 +581,87 @@ def test_a_redelivered_drill_task_drills_once(
     assert first["shop"]["status"] == "passed"
     assert again == {"shop": {"status": "done before", "drill_id": first["shop"]["drill_id"]}}
     assert len(drills(db)) == 1
+
+
+def test_a_rollback_with_no_live_database_before_keeps_the_restored_one_live(
+    db: Conn, live: str, config: Config, store: LocalStore
+) -> None:
+    backup = verified_backup(config, store)
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {LIVE} WITH (FORCE)")
+    params = {"target": "shop", "stamp": restore.new_stamp()}
+
+    copied = restore.restore_copy(restore.CopyParams(**params, backup_id=backup["id"]), context())
+    done = {"restore-copy": copied.result}
+    checked = restore.verify_copy(restore.CopiedParams(**params), context(**done))
+    swapped = restore.swap_in(restore.CopiedParams(**params), context(**done))
+    # The dependants' health check failed: the rollback runs.
+    undone = restore.swap_back(
+        restore.StampParams(**params), context(**done, **{"swap-in": swapped.result})
+    )
+
+    assert copied.ok and checked.ok and swapped.ok
+    assert swapped.result["before"] is None
+    assert undone.ok and undone.result == {
+        "live": LIVE,
+        "kept": "the restored copy stays live: there was none before the restore",
+    }
+    assert databases() == [LIVE]
+    assert sql("SELECT count(*) FROM orders") == [(5,)]
+
+
+def test_the_latest_verified_backup_is_picked_in_the_configured_store(
+    db: Conn, live: str, config: Config, store: LocalStore, tmp_path: Path
+) -> None:
+    [shop] = config.backups.databases
+    here = verified_backup(config, store)
+    elsewhere = LocalStore(tmp_path / "old-store")
+    there = backup_database(shop, elsewhere)
+    db.execute("UPDATE backups SET status = 'verified' WHERE id = %s", (there["id"],))
+
+    with transaction() as conn:
+        picked = restore.pick_backup(conn, "shop", None, store.describe())
+        with pytest.raises(Conflict) as refused:
+            restore.pick_backup(conn, "shop", there["id"], store.describe())
+    drilled = restore.drill_now()
+
+    assert picked["id"] == here["id"]
+    assert str(refused.value) == (
+        f"backup {there['id']} is in {elsewhere.describe()}, not in {store.describe()}"
+    )
+    assert (drilled["shop"]["status"], drilled["shop"]["backup_id"]) == ("passed", here["id"])
+
+
+def test_a_restore_is_refused_while_the_target_is_leased(
+    db: Conn, live: str, config: Config, store: LocalStore
+) -> None:
+    verified_backup(config, store)
+
+    with target_lease("shop", "verify"):
+        done = CliRunner().invoke(cli, ["backups", "restore", "--target", "shop"])
+
+    assert done.exit_code == 1
+    assert done.output.startswith("Error: target shop is busy: verify by ")
+    assert len(done.output.splitlines()) == 1
+    assert db.execute("SELECT count(*) AS n FROM occurrences").fetchone() == {"n": 0}
+
+
+def test_a_malformed_dsn_refuses_the_restore_and_the_rollback_still_goes_on(
+    db: Conn, live: str, store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARETAKER_TEST_DR_DSN", "postgresql://postgres:Pa%zzword@127.0.0.1/x")
+    bad = parse_config(config_data(dsn=None, dsn_env="CARETAKER_TEST_DR_DSN"))
+    monkeypatch.setattr(restore, "get_config", lambda: bad)
+    error = "target shop: the dsn is not a valid PostgreSQL connection string"
+    params = {"target": "shop", "stamp": restore.new_stamp()}
+
+    asked = CliRunner().invoke(cli, ["backups", "restore", "--target", "shop"])
+    with pytest.raises(ActionError) as copy_failed:
+        restore.restore_copy(restore.CopyParams(**params), context())
+    undone = restore.swap_back(restore.StampParams(**params), context())
+
+    assert (asked.exit_code, asked.output) == (1, f"Error: {error}\n")
+    assert str(copy_failed.value) == error
+    assert undone.ok
+    assert undone.result == {"nothing": "the live target was not touched", "error": error}
+    assert databases() == [LIVE]

@@ -323,7 +323,7 @@ class BackupsConfig(Strict):
     databases: list[BackupDatabase] = []
     directories: list[BackupDirectory] = []
     # The daily verification restores every backup of this many last days.
-    verify_days: float = Field(default=1.0, gt=0, le=366)
+    verify_days: float = Field(default=2.0, gt=0, le=366)
 
 
 def _valid_cron(text: str) -> str:
