@@ -354,8 +354,7 @@ def test_runs_show_gives_step_durations_exit_codes_and_utc_times(db: Conn) -> No
     assert lines[1] == "  started 2026-12-01 09:59:59 UTC, finished -"
     assert lines[3:6] == [
         "  0. escalate               escalate  succeeded     0.25s",
-        "  1. restart                recover   failed       12.50s  exit 3"
-        "  command exited with 3",
+        "  1. restart                recover   failed       12.50s  exit 3  command exited with 3",
         "  2. restart-again          recover   failed       60.00s  timed out"
         "  command timed out after 60.0s",
     ]
