@@ -130,7 +130,9 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
             occurrence_id=occurrence_id,
         )
         return None
-    if runbook.name.startswith(ONE_PER_TARGET) and _target_busy(conn, runbook.name):
+    if runbook.name.startswith(ONE_PER_TARGET) and _target_busy(
+        conn, runbook.name, runbook.change_window
+    ):
         # One hotfix or update per target at a time: this one is routed again by the sweeper.
         conn.execute("UPDATE occurrences SET routed_at = NULL WHERE id = %s", (occurrence_id,))
         log.info("run deferred occurrence_id=%s runbook=%s", occurrence_id, runbook.name)
@@ -156,13 +158,15 @@ def route_one(conn: Connection, occurrence_id: int, config: Config) -> StepRef |
     return first
 
 
-def _target_busy(conn: Connection, runbook: str) -> bool:
+def _target_busy(conn: Connection, runbook: str, planned: bool) -> bool:
     # Under the target's lock: of two routings for one target, the second sees the first run.
+    # A run waiting for a change window holds back other planned changes, never an urgent one.
     target = runbook.split(":", 1)[1]
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"target:{target}",))
+    statuses = ["running", "waiting"] if planned else ["running"]
     row = conn.execute(
-        "SELECT 1 FROM runs WHERE runbook = ANY(%s) AND status IN ('running', 'waiting')",
-        ([prefix + target for prefix in ONE_PER_TARGET],),
+        "SELECT 1 FROM runs WHERE runbook = ANY(%s) AND status = ANY(%s)",
+        ([prefix + target for prefix in ONE_PER_TARGET], statuses),
     ).fetchone()
     return row is not None
 

@@ -70,7 +70,9 @@ def pinned(spec: str) -> str:
 
 
 def advisory_ref(text: str) -> str:
-    if not _ADVISORY.match(text):
+    """An advisory id that can name a git branch: letters, digits, `.`, `_`, `-`, without
+    `..` or a trailing `.` or `.lock`."""
+    if not _ADVISORY.match(text) or ".." in text or text.endswith((".", ".lock")):
         raise ValueError(f"{text!r} is not an advisory id")
     return text
 
@@ -224,6 +226,12 @@ def pin_in_repository(params: PinParams, context: StepContext) -> Outcome:
     branch = f"hotfix/security-{params.advisory}"
     pin = pinned(f"{params.package}=={params.version}")
     git = shutil.which("git") or "git"
+    # Done before (a second hotfix of the advisory), or nothing to raise (the repository
+    # pins the version already): the fix that was installed and verified stands.
+    for ref in (branch, "HEAD"):
+        shown = execute(CommandParams(argv=[git, "-C", str(repo), "show", f"{ref}:{relative}"]))
+        if shown.ok and raise_pin(shown.stdout, pin) == _normalised(shown.stdout):
+            return Outcome(ok=True, result={"branch": None, "pin": pin, "already_pinned_in": ref})
     with tempfile.TemporaryDirectory(prefix="caretaker-hotfix-") as tmp:
         tree = Path(tmp) / "tree"
         _git(git, repo, "worktree", "add", "--quiet", "-b", branch, str(tree), "HEAD")
@@ -254,6 +262,10 @@ def pin_in_repository(params: PinParams, context: StepContext) -> Outcome:
     return Outcome(ok=True, result={"branch": branch, "commit": commit, "pin": pin})
 
 
+def _normalised(requirements: str) -> str:
+    return "\n".join(requirements.splitlines()) + "\n"
+
+
 def raise_pin(requirements: str, pin: str) -> str:
     """The requirements text with the package's line replaced by the pin (appended if absent)."""
     name = pin.split("==")[0]
@@ -280,7 +292,10 @@ def hotfix_runbook(
     """The run a critical advisory gets on a target: the steps the target's configuration
     allows, and the rollback that undoes them."""
     pin = pinned(f"{package}=={version}")
+    advisory_ref(advisory)
     name = {"target": target.name}
+    # The service's own tests run where its code is.
+    where = target.app_dir or target.repository
     steps = [
         StepConfig(
             name="record", kind="recover", action="record_versions", params=name, idempotent=True
@@ -294,7 +309,7 @@ def hotfix_runbook(
         ),
     ]
     if target.test_command:
-        steps.append(_command("test", target.test_command))
+        steps.append(_command("test", target.test_command, where))
     if target.restart_command:
         steps.append(_command("restart", target.restart_command))
     if target.health is not None:
@@ -332,13 +347,12 @@ def hotfix_runbook(
     )
 
 
-def _command(name: str, argv: list[str]) -> StepConfig:
+def _command(name: str, argv: list[str], cwd: Path | None = None) -> StepConfig:
+    params: dict[str, object] = {"argv": argv, "timeout_s": 1800}
+    if cwd is not None:
+        params["cwd"] = str(cwd)
     return StepConfig(
-        name=name,
-        kind="recover",
-        action="run_command",
-        params={"argv": argv, "timeout_s": 1800},
-        timeout_s=1860,
+        name=name, kind="recover", action="run_command", params=params, timeout_s=1860
     )
 
 

@@ -573,6 +573,7 @@ def request_update(
     for each in chosen:
         update_tree(each)
         environment(each)
+
     requested = _ask(conn, chosen, tag, uuid.uuid4().hex[:12], person, in_window)
     return list(requested.values())
 
@@ -582,7 +583,15 @@ def ask_for_update(
 ) -> list[int]:
     """A person's update request: recorded, then routed; with `in_window` each run waits for
     a change window. Returns the occurrence ids."""
-    version_tag(version)
+    tag = version_tag(version)
+    config = get_config()
+    # A typo must not archive, dump, restart and page: the tag is looked for first.
+    for each in [_configured(config, target)] if target else config.targets:
+        if each.repository is None:
+            continue  # request_update names the problem
+        ref = f"refs/tags/{tag}^{{commit}}"
+        if not _run_git(each.repository, "rev-parse", "--verify", "--quiet", ref).ok:
+            raise ActionError(f"no tag {tag} in {each.repository} (target {each.name})")
     with transaction() as conn:
         ids = request_update(conn, version, target, person, in_window)
     dispatch.try_send("routing", dispatch.route_occurrences, ids)

@@ -84,6 +84,8 @@ def test_a_hostile_hotfix_request_records_nothing(db: Conn) -> None:
         request_hotfix(conn, "demo", "requests; rm -rf /", "1.0", "GHSA-1", "ops")
     with transaction() as conn, pytest.raises(ValueError, match="is not an advisory id"):
         request_hotfix(conn, "demo", "requests", "2.31.0", "../../etc", "ops")
+    with transaction() as conn, pytest.raises(ValueError, match="is not an advisory id"):
+        request_hotfix(conn, "demo", "requests", "2.31.0", "PYSEC..2026", "ops")
     with transaction() as conn, pytest.raises(ActionError, match="no target named 'nope'"):
         request_hotfix(conn, "nope", "requests", "2.31.0", "GHSA-1", "ops")
 
@@ -306,3 +308,16 @@ def test_the_hotfix_command_refuses_hostile_input_and_records_nothing(
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert db.execute("SELECT count(*) AS n FROM occurrences").fetchone() == {"n": 0}
+
+
+def test_a_pin_done_before_or_already_in_the_repository_is_not_a_failure(repo: Path) -> None:
+    params = PinParams(target="demo", package="caretaker-demo", version="1.1", advisory="GHSA-a")
+    assert pin_in_repository(params, CONTEXT).result["branch"] == "hotfix/security-GHSA-a"
+
+    again = pin_in_repository(params, CONTEXT)
+    current = PinParams(target="demo", package="flask", version="3.0.0", advisory="GHSA-b")
+    in_head = pin_in_repository(current, CONTEXT)
+
+    assert again.ok and again.result["already_pinned_in"] == "hotfix/security-GHSA-a"
+    assert in_head.ok and in_head.result["already_pinned_in"] == "HEAD"
+    assert git("branch", "--list", "hotfix/security-GHSA-b") == ""

@@ -157,3 +157,26 @@ def test_a_waiting_run_whose_alert_resolved_is_cancelled_not_started(
     monkeypatch.setattr(sweeper, "get_config", lambda: with_windows(ALWAYS))
     assert sweeper.open_change_windows() == 0
     assert db.execute("SELECT status FROM runs").fetchone() == {"status": "cancelled"}
+
+
+def test_a_waiting_planned_run_never_holds_back_an_urgent_hotfix(db: Conn) -> None:
+    planned = planned_hotfix(db)
+    with transaction() as conn:
+        route_one(conn, planned, with_windows(CLOSED))
+    urgent = db.execute(
+        """
+        INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations)
+        SELECT source, 'urgent', starts_at, status,
+               labels || '{"severity": "critical", "advisory": "GHSA-urgent-1"}', annotations
+          FROM occurrences WHERE id = %s RETURNING id
+        """,
+        (planned,),
+    ).fetchone()
+    assert urgent is not None
+
+    with transaction() as conn:
+        first = route_one(conn, urgent["id"], with_windows(CLOSED))
+
+    assert first is not None
+    statuses = db.execute("SELECT status FROM runs ORDER BY id").fetchall()
+    assert [r["status"] for r in statuses] == ["waiting", "running"]
