@@ -149,7 +149,8 @@ def index_options() -> list[str]:
 
 def _pip(python: Path) -> list[str]:
     # caretaker's own pip acts on the target's environment, which needs no pip of its own.
-    return [sys.executable, "-m", "pip", "--python", str(python)]
+    # --isolated: no pip.conf or PIP_* variable adds a package source beside the configured one.
+    return [sys.executable, "-m", "pip", "--isolated", "--python", str(python)]
 
 
 def record_versions(params: TargetParams, context: StepContext) -> Outcome:

@@ -642,7 +642,24 @@ def _raise(conn: Connection, finding: Finding) -> int | None:
         f" {finding.advisory_id} ({finding.severity}) {finding.summary}".rstrip()
         + fix
     )
+    if _hotfixed_before(conn, finding.key):
+        # Its hotfix succeeded, yet the scan finds it again: the fix did not hold (the old
+        # version came back). A new occurrence gets a new run. A failed hotfix is a person's.
+        reason = "found again after its hotfix"
+        findings.clear_finding(conn, finding.key, reason, get_config())
     return findings.raise_finding(conn, finding.key, labels, summary)
+
+
+def _hotfixed_before(conn: Connection, key: str) -> bool:
+    row = conn.execute(
+        """
+        SELECT 1 FROM occurrences o JOIN runs r ON r.occurrence_id = o.id
+         WHERE o.source = 'analysis' AND o.fingerprint = %s AND o.status = 'firing'
+           AND r.status = 'recovered'
+        """,
+        (key,),
+    ).fetchone()
+    return row is not None
 
 
 def resolve_removed(conn: Connection, configured: set[str], config: Config) -> list[int]:

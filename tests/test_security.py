@@ -580,3 +580,24 @@ def test_cli_names_an_unknown_target_in_one_line(
 
     assert done.exit_code == 1
     assert done.stderr == "Error: no target named 'nope' (configured: app)\n"
+
+
+def test_a_finding_back_after_a_successful_hotfix_gets_a_new_occurrence(
+    clean: Conn, scratch: ScratchEnv
+) -> None:
+    scratch.install(f"{DEMO}==1.0")
+    config = app_config(scratch.python)
+    security.scan_now(config=config, settings=dir_settings())
+    first = finding_occurrences(clean)[0]
+    clean.execute(
+        "INSERT INTO runs (occurrence_id, runbook, status, trigger, on_failure)"
+        " VALUES (%s, 'hotfix:app', 'recovered', 'alert', '{}')",
+        (first["id"],),
+    )
+
+    # The old version came back before the next scan: the fix did not hold.
+    security.scan_now(config=config, settings=dir_settings())
+
+    rows = [(o["fingerprint"], o["status"]) for o in finding_occurrences(clean)]
+    assert rows.count((CRITICAL_KEY, "resolved")) == 1
+    assert rows.count((CRITICAL_KEY, "firing")) == 1
