@@ -503,3 +503,19 @@ def test_targets_are_checked_whether_or_not_another_section_fails(
         "checks.host[0].name: duplicate target name 'system'",
     ]
     assert len(problems) == 2 + other_section_broken
+
+
+def test_a_target_needs_an_absolute_interpreter_and_requirements_inside_its_repository() -> None:
+    target = {
+        "name": "shop",
+        "python": "venv/bin/python",
+        "repository": "/srv/shop",
+        "requirements": "/etc/requirements.txt",
+    }
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"targets": [target]})
+
+    assert raised.value.problems == [
+        "targets[0].python: must be an absolute path",
+        "targets[0].requirements: must be inside the repository /srv/shop",
+    ]

@@ -628,6 +628,17 @@ def _check_sections(config: Config) -> list[str]:
                 problems.append(f"{where}.{field}: {argv[0]!r} is not in actions.allowlist")
         if target.health is not None:
             problems += _check_step(target.health, f"{where}.health", config.actions)
+        if not target.python.is_absolute():
+            problems.append(f"{where}.python: must be an absolute path")
+        requirements, repository = target.requirements, target.repository
+        outside = (
+            requirements is not None
+            and repository is not None
+            and requirements.is_absolute()
+            and not requirements.is_relative_to(repository)
+        )
+        if outside:
+            problems.append(f"{where}.requirements: must be inside the repository {repository}")
     for i, name in enumerate(config.analysis.review_databases):
         found = config.checks.find(name)
         if found is None or found[1].check != "postgres":
