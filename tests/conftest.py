@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -314,16 +315,15 @@ def celery_worker(queues: str, concurrency: int) -> list[str]:
     ]
 
 
-# Module scope: tests that inspect queued messages must not share the broker with a worker.
-@pytest.fixture(scope="module")
-def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[bytes]]:
-    """A real Celery worker process on every queue, sharing the tests' database and broker."""
-    log_path = STATE_DIR / "worker.log"
+@contextmanager
+def running_worker(log_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker on every queue with this environment, until the block ends; then it
+    is stopped with its pool's processes."""
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             celery_worker("alerts,checks,analysis,remediation,maintenance,incidents", 3),
             cwd=ROOT,
-            env={**os.environ, **TEST_ENV},
+            env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
@@ -334,16 +334,26 @@ def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[byte
     )
     if process.poll() is not None:
         pytest.fail(f"celery worker exited:\n{log_path.read_text()[-3000:]}", pytrace=False)
-    yield process
-    children = psutil.Process(process.pid).children(recursive=True)
-    process.terminate()
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    # The pool's processes must be gone too before the next module empties the tables.
-    for child in psutil.wait_procs(children, timeout=10)[1]:
-        child.kill()
+        yield process
+    finally:
+        children = psutil.Process(process.pid).children(recursive=True)
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        # The pool's processes must be gone too before the next module empties the tables.
+        for child in psutil.wait_procs(children, timeout=10)[1]:
+            child.kill()
+
+
+# Module scope: tests that inspect queued messages must not share the broker with a worker.
+@pytest.fixture(scope="module")
+def worker(database: str, broker: redis.Redis) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process on every queue, sharing the tests' database and broker."""
+    with running_worker(STATE_DIR / "worker.log", {**os.environ, **TEST_ENV}) as process:
+        yield process
 
 
 class NotifySink:

@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 import pytest
 from click.testing import CliRunner
@@ -31,7 +30,7 @@ from tasks.backups import (
     verify_backup,
 )
 from tasks.backupstore import LocalStore
-from tests.conftest import PG_HOST, ROOT, STATE_DIR, TEST_ENV, celery_worker, free_port, wait_for
+from tests.conftest import PG_HOST, STATE_DIR, TEST_ENV, free_port, running_worker, wait_for
 from workers.cli import cli
 from workers.config import Config, parse_config
 from workers.db import transaction
@@ -183,31 +182,9 @@ def dr_worker(app_server: None) -> Iterator[subprocess.Popen[bytes]]:
     MODULE_DIR.mkdir(parents=True, exist_ok=True)
     FILES_DIR.mkdir(exist_ok=True)
     CONFIG_FILE.write_text(json.dumps(config_data(), indent=2))
-    log_path = MODULE_DIR / "worker.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            celery_worker("alerts,checks,analysis,remediation,maintenance,incidents", 3),
-            cwd=ROOT,
-            env={**os.environ, **TEST_ENV, "CARETAKER_CONFIG": str(CONFIG_FILE)},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    wait_for(
-        lambda: b"ready." in log_path.read_bytes() or process.poll() is not None,
-        timeout_s=60,
-        what="the celery worker to start",
-    )
-    if process.poll() is not None:
-        pytest.fail(f"celery worker exited:\n{log_path.read_text()[-3000:]}", pytrace=False)
-    yield process
-    children = psutil.Process(process.pid).children(recursive=True)
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    for child in psutil.wait_procs(children, timeout=10)[1]:
-        child.kill()
+    env = {**os.environ, **TEST_ENV, "CARETAKER_CONFIG": str(CONFIG_FILE)}
+    with running_worker(MODULE_DIR / "worker.log", env) as process:
+        yield process
 
 
 def finished_run(db: Conn) -> dict[str, Any]:

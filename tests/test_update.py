@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import psycopg
 import pytest
 import redis
@@ -45,7 +44,7 @@ from tasks.update import (
     update_runbook,
     version_tag,
 )
-from tests.conftest import DATA, PG_HOST, ROOT, TEST_ENV, celery_worker, free_port, wait_for
+from tests.conftest import DATA, PG_HOST, TEST_ENV, free_port, running_worker, wait_for
 from tests.wheels import ScratchEnv, build_wheel
 from workers import dispatch
 from workers.cli import cli
@@ -176,31 +175,8 @@ def update_worker(
         "CARETAKER_PACKAGE_INDEX_URL": f"file://{work / 'wheels'}",
         "TMPDIR": str(work / "tmp"),
     }
-    log_path = work / "worker.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            celery_worker("alerts,checks,analysis,remediation,maintenance,incidents", 3),
-            cwd=ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    wait_for(
-        lambda: b"ready." in log_path.read_bytes() or process.poll() is not None,
-        timeout_s=60,
-        what="the celery worker to start",
-    )
-    if process.poll() is not None:
-        pytest.fail(f"celery worker exited:\n{log_path.read_text()[-3000:]}", pytrace=False)
-    yield process
-    children = psutil.Process(process.pid).children(recursive=True)
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    for child in psutil.wait_procs(children, timeout=10)[1]:
-        child.kill()
+    with running_worker(work / "worker.log", env) as process:
+        yield process
 
 
 @pytest.fixture
