@@ -157,7 +157,8 @@ def update_runbook(target: ServiceTarget, version: str, then: list[str]) -> Runb
             _builtin(CONTINUE_STEP, "continue_update", params, CONTINUE_TIMEOUT_S, idempotent=True)
         )
 
-    rollback = [_builtin("restore-app", "restore_app", name, ARCHIVE_TIMEOUT_S)]
+    # Re-runnable: a worker lost in the middle is replaced and the rollback goes on.
+    rollback = [_builtin("restore-app", "restore_app", name, ARCHIVE_TIMEOUT_S, idempotent=True)]
     if target.database is not None:
         restore_s = backups.TOOL_TIMEOUT_S
         rollback.append(_builtin("restore-database", "restore_database", name, restore_s))
@@ -393,7 +394,7 @@ def _stage_waiting(conn: Connection, update_id: str, stage: str, run_id: int) ->
 def restore_app(params: TargetParams, context: StepContext) -> Outcome:
     """Put the app directory and environment back from the archives of the archive step: each
     is extracted beside itself and swapped in by rename; the replaced copies are removed once
-    all are back."""
+    all are back. Idempotent: a second try after a lost worker finishes what the first began."""
     archived = context.earlier.get(ARCHIVE_STEP)
     if not archived:
         return Outcome(ok=True, result={"skipped": "nothing was archived, nothing changed"})
@@ -424,6 +425,12 @@ def _swap_in(entry: dict[str, Any], run_id: int) -> Path:
     fresh = root.with_name(f".{root.name}.caretaker-{run_id}-restored")
     aside = root.with_name(f".{root.name}.caretaker-{run_id}-replaced")
     if aside.exists() or aside.is_symlink():
+        # An earlier try of this run's rollback (its worker died) got this far: the restored
+        # tree is complete before the first rename, so only the second may be missing.
+        if not root.exists() and fresh.is_dir():
+            os.rename(fresh, root)
+        if root.exists():
+            return aside
         raise ActionError(f"{aside} is left from an earlier restore: look at it, then remove it")
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir()

@@ -524,6 +524,38 @@ def test_a_restore_refuses_a_changed_archive_and_survives_a_failed_pg_restore(
     assert items(staging) == ROWS_V1
 
 
+def test_a_restore_of_the_app_interrupted_between_its_renames_finishes_on_a_second_try(
+    deploy: Callable[..., Site],
+    ask: Callable[..., list[int]],
+    work: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    staging = deploy("staging")
+    monkeypatch.setattr(tempfile, "tempdir", str(work / "tmp"))
+    monkeypatch.setattr(update, "_reached", lambda run_id, names: True)
+    archived = archive_app(
+        TargetParams(target="staging"),
+        StepContext(run_id=98, step_name="archive", labels={}, earlier={}),
+    )
+    rollback = StepContext(
+        run_id=98, step_name="restore-app", labels={}, earlier={"archive": archived.result}
+    )
+    original = (staging.tree / "health.txt").read_text()
+    # The first try died between its two renames: the restored tree complete beside the
+    # changed one, which it had moved aside.
+    fresh = staging.tree.with_name(f".{staging.tree.name}.caretaker-98-restored")
+    shutil.copytree(staging.tree, fresh, symlinks=True)
+    (staging.tree / "health.txt").write_text("500\n")
+    aside = staging.tree.with_name(f".{staging.tree.name}.caretaker-98-replaced")
+    staging.tree.rename(aside)
+
+    again = restore_app(TargetParams(target="staging"), rollback)
+
+    assert again.ok, again.error
+    assert staging.tree.is_dir() and not aside.exists() and not fresh.exists()
+    assert (staging.tree / "health.txt").read_text() == original
+
+
 def test_a_good_release_is_checked_out_installed_migrated_and_verified(
     db: Conn,
     update_worker: subprocess.Popen[bytes],
