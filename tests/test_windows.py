@@ -180,3 +180,28 @@ def test_a_waiting_planned_run_never_holds_back_an_urgent_hotfix(db: Conn) -> No
     assert first is not None
     statuses = db.execute("SELECT status FROM runs ORDER BY id").fetchall()
     assert [r["status"] for r in statuses] == ["waiting", "running"]
+
+
+def test_a_person_cancels_a_waiting_run_and_a_finished_one_is_refused(db: Conn) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli import cli
+
+    occurrence_id = planned_hotfix(db)
+    with transaction() as conn:
+        route_one(conn, occurrence_id, with_windows(CLOSED))
+    run = db.execute("SELECT id FROM runs").fetchone()
+    assert run is not None
+
+    done = CliRunner().invoke(cli, ["runs", "cancel", str(run["id"]), "--by", "ops"])
+    again = CliRunner().invoke(cli, ["runs", "cancel", str(run["id"])])
+
+    assert (done.exit_code, done.output) == (0, f"run {run['id']} cancelled\n")
+    row = db.execute("SELECT status, waiting_for FROM runs").fetchone()
+    assert row == {"status": "cancelled", "waiting_for": None}
+    skipped = db.execute("SELECT DISTINCT status, error FROM steps").fetchall()
+    assert skipped == [{"status": "skipped", "error": "cancelled by ops"}]
+    assert again.exit_code == 1
+    assert again.output == (
+        f"Error: run {run['id']} is cancelled: only a running or waiting run can be cancelled\n"
+    )

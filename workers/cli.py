@@ -928,6 +928,16 @@ def runs_show(run_id: int, as_json: bool) -> None:
     _show(detail, as_json, views.render_run)
 
 
+@runs.command("cancel")
+@click.argument("run_id", type=int)
+@click.option("--by", default=None, help="Who cancels (default: the current user).")
+def runs_cancel(run_id: int, by: str | None) -> None:
+    """Cancel a running or waiting run: steps not yet started are skipped, one already running
+    finishes. Nothing is rolled back or escalated."""
+    views.cancel_run(run_id, by or getpass.getuser())
+    click.echo(f"run {run_id} cancelled")
+
+
 def _show(data: dict[str, Any], as_json: bool, render: Any) -> None:
     """One record as JSON, or as the text `render` makes of it."""
     click.echo(json.dumps(data, indent=2, default=str) if as_json else render(data))

@@ -191,16 +191,24 @@ def close_occurrences(
     return result
 
 
-def cancel_runs(conn: Connection, occurrence_ids: list[int], reason: str, actor: str) -> int:
-    """Cancel the active runs of these occurrences and skip their steps not yet started."""
+def cancel_runs(
+    conn: Connection,
+    occurrence_ids: list[int],
+    reason: str,
+    actor: str,
+    run_id: int | None = None,
+) -> int:
+    """Cancel the active runs of these occurrences (only `run_id`, when given) and skip their
+    steps not yet started; a step already running finishes, its result recorded."""
     # Runs are locked before their steps, in the same order as the step tasks lock them.
     runs = conn.execute(
         """
-        UPDATE runs SET status = 'cancelled', finished_at = now()
+        UPDATE runs SET status = 'cancelled', finished_at = now(), waiting_for = NULL
          WHERE occurrence_id = ANY(%s) AND status IN ('running', 'waiting')
+           AND (%s::bigint IS NULL OR id = %s)
         RETURNING id
         """,
-        (occurrence_ids,),
+        (occurrence_ids, run_id, run_id),
     ).fetchall()
     run_ids = [row["id"] for row in runs]
     if not run_ids:

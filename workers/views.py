@@ -8,7 +8,8 @@ from typing import Any
 from workers import dispatch, incidents, reports
 from workers.config import get_config
 from workers.db import Row, transaction
-from workers.errors import NotFound
+from workers.errors import Conflict, NotFound
+from workers.occurrences import cancel_runs
 from workers.settings import get_settings
 
 # Every status a run can have, as the runs table allows them.
@@ -51,6 +52,22 @@ def change_incident(incident_id: int, status: str, person: str) -> dict[str, Any
         )
     dispatch.try_send("notifications", dispatch.send_notifications, notification_ids)
     return _plain(row)
+
+
+def cancel_run(run_id: int, person: str) -> dict[str, Any]:
+    """Cancel a running or waiting run: its steps not yet started are skipped."""
+    with transaction() as conn:
+        row = conn.execute(
+            "SELECT id, status, occurrence_id FROM runs WHERE id = %s FOR UPDATE", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no run {run_id}")
+        if row["status"] not in ("running", "waiting"):
+            raise Conflict(
+                f"run {run_id} is {row['status']}: only a running or waiting run can be cancelled"
+            )
+        cancel_runs(conn, [row["occurrence_id"]], f"cancelled by {person}", person, run_id)
+    return {"id": run_id, "status": "cancelled"}
 
 
 def health_report(hours: float) -> dict[str, Any]:
