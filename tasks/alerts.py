@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from tasks.hotfix import ADVISORY_ALERT, SOURCE_MANUAL, hotfix_runbook
+from tasks.hotfix import ADVISORY_ALERT, hotfix_runbook
 from tasks.hotfix import RUNBOOK_PREFIX as HOTFIX_PREFIX
 from tasks.restore import RESTORE_ALERT, planned_restore
 from tasks.update import RUNBOOK_PREFIX as UPDATE_PREFIX
@@ -25,7 +25,7 @@ from workers.db import Connection, transaction
 from workers.errors import CaretakerError
 from workers.health import SOURCE_CHECK
 from workers.matchers import matches_all
-from workers.occurrences import SOURCE_ALERTMANAGER
+from workers.occurrences import SOURCE_ALERTMANAGER, SOURCE_MANUAL
 from workers.runs import StepRef
 from workers.windows import CHANGE_WINDOW, open_window
 

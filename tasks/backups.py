@@ -872,10 +872,15 @@ def _drop_scratch(admin: str, name: str) -> None:
 def _verify_directory(path: Path, row: Row, dest: Path) -> dict[str, Any]:
     dest.mkdir()
     extract_archive(path, dest)
-    found = count_tree(dest)
-    manifest = row["manifest"]
+    return check_tree(dest, row["manifest"], "extracted")
+
+
+def check_tree(root: Path, manifest: dict[str, Any], seen_as: str) -> dict[str, int]:
+    """Count the tree under root; BackupInvalid naming each count that differs from the
+    manifest's (`seen_as` says what the tree is: extracted, restored)."""
+    found = count_tree(root)
     differences = [
-        f"{name}: manifest {manifest.get(name)}, extracted {value}"
+        f"{name}: manifest {manifest.get(name)}, {seen_as} {value}"
         for name, value in found.items()
         if manifest.get(name) != value
     ]

@@ -8,7 +8,6 @@ after `--`, so nothing from an advisory or a command line can become a pip optio
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -32,7 +31,8 @@ from workers.config import (
 )
 from workers.db import Connection, transaction
 from workers.errors import ActionError
-from workers.runs import Outcome, StepContext, event
+from workers.occurrences import record_manual
+from workers.runs import Outcome, StepContext
 from workers.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 RUNBOOK_PREFIX = "hotfix:"
 # The alertname of an advisory finding; its labels name target, package, advisory, fixed_version.
 ADVISORY_ALERT = "SecurityAdvisory"
-SOURCE_MANUAL = "manual"
 PIP_TIMEOUT_S = 900.0
 GIT_TIMEOUT_S = 60.0
 # A branch name part from an advisory id: GHSA-xxxx, PYSEC-2024-1, CVE-2024-1234.
@@ -399,21 +398,9 @@ def request_hotfix(
         "fixed_version": version,
         "severity": "critical",
     }
-    row = conn.execute(
-        """
-        INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations)
-        VALUES (%s, %s, now(), 'firing', %s, %s) RETURNING id
-        """,
-        (
-            SOURCE_MANUAL,
-            f"hotfix:{target}:{name}:{advisory}:{uuid.uuid4().hex[:8]}",
-            json.dumps(labels),
-            json.dumps({"summary": f"hotfix {pin} on {target}, asked by {person}"}),
-        ),
-    ).fetchone()
-    assert row is not None
-    event(conn, "occurrence_received", person, f"hotfix {pin} asked for", occurrence_id=row["id"])
-    return int(row["id"])
+    fingerprint = f"hotfix:{target}:{name}:{advisory}:{uuid.uuid4().hex[:8]}"
+    summary = f"hotfix {pin} on {target}, asked by {person}"
+    return record_manual(conn, fingerprint, labels, summary, person)
 
 
 def ask_for_hotfix(

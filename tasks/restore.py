@@ -4,7 +4,6 @@ the monthly drill that times a restore against the target's RTO and RPO."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -34,9 +33,9 @@ from tasks.backups import (
     DsnError,
     TargetBusy,
     check_dump_header,
+    check_tree,
     compare_counts,
     count_rows,
-    count_tree,
     create_database,
     extract_archive,
     fetch_backup,
@@ -53,7 +52,6 @@ from tasks.backups import (
     verify_database,
 )
 from tasks.backupstore import BackupStore
-from tasks.hotfix import SOURCE_MANUAL
 from workers import dispatch
 from workers.app import app
 from workers.config import (
@@ -67,7 +65,8 @@ from workers.config import (
 )
 from workers.db import Connection, Row, transaction
 from workers.errors import ActionError, CaretakerError, Conflict, NotFound
-from workers.runs import Outcome, StepContext, event
+from workers.occurrences import SOURCE_MANUAL, record_manual
+from workers.runs import Outcome, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -274,21 +273,8 @@ def request_restore(conn: Connection, target: str, backup_id: int | None, person
         "severity": "critical",
     }
     summary = f"restore of {target} from backup {row['id']}, asked by {person}"
-    found = conn.execute(
-        """
-        INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations)
-        VALUES (%s, %s, now(), 'firing', %s, %s) RETURNING id
-        """,
-        (
-            SOURCE_MANUAL,
-            f"restore:{target}:{row['id']}:{uuid.uuid4().hex[:8]}",
-            json.dumps(labels),
-            json.dumps({"summary": summary}),
-        ),
-    ).fetchone()
-    assert found is not None
-    event(conn, "occurrence_received", person, summary, occurrence_id=found["id"])
-    return int(found["id"])
+    fingerprint = f"restore:{target}:{row['id']}:{uuid.uuid4().hex[:8]}"
+    return record_manual(conn, fingerprint, labels, summary, person)
 
 
 def ask_for_restore(target: str, backup_id: int | None, person: str) -> int:
@@ -404,7 +390,7 @@ def verify_copy(params: CopiedParams, context: StepContext) -> Outcome:
     try:
         with target_lease(target.name, "restore"):
             if isinstance(target, BackupDirectory):
-                result |= _check_directory(Path(copied["copy"]), row["manifest"])
+                result |= check_tree(Path(copied["copy"]), row["manifest"], "restored")
             else:
                 result |= _check_database(target, copied["copy"], row["manifest"])
     except BackupInvalid as exc:
@@ -425,18 +411,6 @@ def _check_database(target: BackupDatabase, copy: str, manifest: dict[str, Any])
     except psycopg.Error as exc:
         raise ActionError(f"cannot check {copy}: {one_line(exc)}") from exc
     return {"tables": len(counts), "rows": sum(counts.values()), "probes": len(target.probes)}
-
-
-def _check_directory(copy: Path, manifest: dict[str, Any]) -> dict[str, int]:
-    found = count_tree(copy)
-    differences = [
-        f"{name}: manifest {manifest.get(name)}, restored {value}"
-        for name, value in found.items()
-        if manifest.get(name) != value
-    ]
-    if differences:
-        raise BackupInvalid("contents differ: " + "; ".join(differences))
-    return found
 
 
 def swap_in(params: CopiedParams, context: StepContext) -> Outcome:

@@ -9,7 +9,6 @@ The version is a tag of the target's repository. It is checked (a plain name, no
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ from pydantic import Field, field_validator
 from tasks import backups
 from tasks.backupstore import file_sha256
 from tasks.commands import CommandParams, CommandResult, execute
-from tasks.hotfix import SOURCE_MANUAL, TargetParams, index_options, installed_versions
+from tasks.hotfix import TargetParams, index_options, installed_versions
 from workers import dispatch
 from workers.config import (
     Config,
@@ -45,7 +44,8 @@ from workers.config import (
 )
 from workers.db import Connection, transaction
 from workers.errors import ActionError
-from workers.runs import Outcome, StepContext, event
+from workers.occurrences import SOURCE_MANUAL, record_manual
+from workers.runs import Outcome, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -629,21 +629,8 @@ def _ask(
             "stage": str(target.stage),
         } | ({"window": "true"} if in_window else {})
         summary = f"update of {target.name} to {version}, asked by {person}"
-        row = conn.execute(
-            """
-            INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations)
-            VALUES (%s, %s, now(), 'firing', %s, %s) RETURNING id
-            """,
-            (
-                SOURCE_MANUAL,
-                f"update:{target.name}:{version}:{update_id}",
-                json.dumps(labels),
-                json.dumps({"summary": summary}),
-            ),
-        ).fetchone()
-        assert row is not None
-        event(conn, "occurrence_received", person, summary, occurrence_id=row["id"])
-        requested[target.name] = int(row["id"])
+        fingerprint = f"update:{target.name}:{version}:{update_id}"
+        requested[target.name] = record_manual(conn, fingerprint, labels, summary, person)
     log.info("update requested version=%s targets=%s then=%s", version, ",".join(requested), then)
     return requested
 

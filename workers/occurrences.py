@@ -11,8 +11,11 @@ from workers.config import Config
 from workers.db import Connection, Row
 from workers.incidents import queue_notifications
 from workers.payloads import Alert, Notification
+from workers.runs import event
 
 SOURCE_ALERTMANAGER = "alertmanager"
+# Work a person (or caretaker on a person's behalf) asked for: a hotfix, a restore, an update.
+SOURCE_MANUAL = "manual"
 
 
 @dataclass
@@ -189,6 +192,22 @@ def close_occurrences(
             conn, incident_id, "resolved", reason, config
         )
     return result
+
+
+def record_manual(
+    conn: Connection, fingerprint: str, labels: dict[str, str], summary: str, person: str
+) -> int:
+    """Record work asked for by `person` as a firing occurrence to route; return its id."""
+    row = conn.execute(
+        """
+        INSERT INTO occurrences (source, fingerprint, starts_at, status, labels, annotations)
+        VALUES (%s, %s, now(), 'firing', %s, %s) RETURNING id
+        """,
+        (SOURCE_MANUAL, fingerprint, json.dumps(labels), json.dumps({"summary": summary})),
+    ).fetchone()
+    assert row is not None
+    event(conn, "occurrence_received", person, summary, occurrence_id=row["id"])
+    return int(row["id"])
 
 
 def cancel_runs(
